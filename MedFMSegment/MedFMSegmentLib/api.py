@@ -1,0 +1,124 @@
+"""The engine's front door: segment a volume from a prompts file (or ``PromptSet``), no Slicer needed.
+
+```python
+from MedFMSegmentLib import api, io
+array_kji, ijk_to_ras = io.read_volume("ct.nrrd")
+masks = api.segment(array_kji, ijk_to_ras, "prompts.json")          # {segment name: uint8 mask}
+io.write_segmentation("out.seg.nrrd", masks, ijk_to_ras)
+```
+
+The Slicer Logic, the ``medfm`` CLI and batch mode all call :func:`segment`; it never touches a
+file or a node, so callers decide where results go (and a failure leaves their data as it was).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Union
+
+import numpy as np
+
+from . import prompts as prompts_mod
+from .errors import InputError
+from .propagate import Progress, ShouldStop, propagate, segment_roi
+from .session import PromptSession
+
+log = logging.getLogger(__name__)
+
+AdapterLoader = Callable[[str, object], object]  # (adapter path, model) -> adapter object
+
+
+@dataclass
+class SegmentationReport:
+    segments: Dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = ""
+    model: str = ""
+
+
+def _as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
+    if isinstance(prompt_source, prompts_mod.PromptSet):
+        return prompt_source
+    if isinstance(prompt_source, (str, os.PathLike)) and os.path.exists(prompt_source):
+        raw = prompts_mod.load_prompts(prompt_source)
+        return prompts_mod.resolve(raw, ijk_to_ras, shape, source=str(prompt_source))
+    if isinstance(prompt_source, (str, bytes, dict)):
+        return prompts_mod.resolve(prompt_source, ijk_to_ras, shape)
+    raise InputError(f"prompts must be a PromptSet, a dict, JSON text or an existing file, got {prompt_source!r}")
+
+
+def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progress: Progress = None,
+                should_stop: ShouldStop = None) -> tuple:
+    """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info)."""
+    session.reset()
+    info: dict = {}
+    mask = np.zeros(session.shape, np.uint8)
+    if seg.roi_ijk is not None:
+        r = segment_roi(session, seg.roi_ijk, axis=seg.roi_axis, progress=progress, should_stop=should_stop)
+        mask |= r.mask
+        info["roi"] = {"slices": len(r.scores) + 1, "stopped": r.stopped, "seconds": round(r.seconds, 2)}
+    for box in seg.boxes:
+        session.add_box(box.axis, box.index, box.box_xy)
+    for p in seg.points:
+        session.add_point(axis=p.axis, index=p.index, xy_slice=p.xy_slice, positive=p.positive)
+    if seg.boxes or seg.points:
+        if seg.propagate:
+            for axis in sorted({a for a, _ in session.prompted_slices()}):
+                r = propagate(session, axis=axis, progress=progress, should_stop=should_stop)
+                mask |= r.mask
+                info[f"propagate_{axis}"] = {"slices": int(len(r.scores) + len(r.seeds)), "stopped": r.stopped,
+                                             "seconds": round(r.seconds, 2)}
+        else:
+            mask |= session.mask_volume()
+    info["voxels"] = int(mask.sum())
+    return mask, info
+
+
+def segment(array_kji, ijk_to_ras, prompt_source, session: Optional[PromptSession] = None,
+            model: str = "litemedsam", device: Optional[str] = None, preset: Optional[str] = None,
+            adapter: Optional[str] = None, adapter_loader: Optional[AdapterLoader] = None,
+            progress: Progress = None, should_stop: ShouldStop = None,
+            report: Optional[SegmentationReport] = None) -> Dict[str, np.ndarray]:
+    """Segment every segment of a prompt set; returns ``{name: uint8 mask [k, j, i]}`` in file order.
+
+    ``adapter`` applies one adapter directory to every segment; a segment's own ``"adapter"`` wins.
+    Adapters need ``adapter_loader`` (``MedFMTrainLib.store.load_adapter``): the engine does not
+    import the trainer.
+    """
+    t0 = time.perf_counter()
+    if session is None:
+        session = PromptSession(model=model, device=device)
+    session.set_volume(array_kji, ijk_to_ras, preset=preset)
+    prompt_set = _as_prompt_set(prompt_source, session.ijk_to_ras, session.shape)
+    if not prompt_set.segments:
+        raise InputError("the prompts name no segment")
+    out: Dict[str, np.ndarray] = {}
+    adapters: Dict[str, object] = {}
+    n = len(prompt_set.segments)
+    for number, seg in enumerate(prompt_set.segments):
+        path = seg.adapter or adapter
+        session.adapter = None
+        if path:
+            if adapter_loader is None:
+                raise InputError(f"segment {seg.name!r} asks for adapter {path!r} but no adapter loader was given "
+                                 "(pass adapter_loader=MedFMTrainLib.store.load_adapter)")
+            if path not in adapters:
+                adapters[path] = adapter_loader(path, session.model)
+            session.adapter = adapters[path]
+
+        def sub_progress(fraction, message, number=number, name=seg.name):
+            if progress is not None:
+                progress((number + fraction) / n, f"{name}: {message}")
+
+        mask, info = segment_one(session, seg, sub_progress, should_stop)
+        out[seg.name] = mask
+        if report is not None:
+            report.segments[seg.name] = info
+    session.adapter = None
+    if report is not None:
+        report.seconds = time.perf_counter() - t0
+        report.device = str(session.model.device)
+        report.model = session.model.spec.id
+    return out

@@ -1,0 +1,257 @@
+"""``medfm``: the headless command line.
+
+    medfm segment VOLUME --prompts P.json --output OUT.seg.nrrd [--labelmap OUT.nii.gz] [--model M]
+                  [--device D] [--adapter DIR] [--overlay OUT.png] [--overwrite]
+    medfm batch COHORT_DIR --prompts-dir DIR --output-dir DIR [--overwrite]
+    medfm detect-segment VOLUME --detector SPEC --output OUT.seg.nrrd
+    medfm tune ...            (few-shot adapters; see ``medfm tune --help``)
+    medfm models              (the registry)
+
+Exit status: 0 success, 1 some cases failed (batch), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import MedFMError
+
+log = logging.getLogger("medfm")
+
+VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def _adapter_loader():
+    """The trainer's adapter loader, imported only when an adapter is asked for."""
+    try:
+        from MedFMTrainLib.store import load_adapter
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        raise MedFMError(f"adapters need MedFMTrainLib, which failed to import: {exc}") from exc
+    return load_adapter
+
+
+def _session(args):
+    from .session import PromptSession
+
+    return PromptSession(model=args.model, device=args.device, checkpoint=args.checkpoint,
+                         allow_unverified=args.allow_unverified, precision=args.precision)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _check_outputs(paths: List[Optional[str]], overwrite: bool) -> None:
+    from .errors import InputError
+
+    for p in paths:
+        if p and os.path.exists(p) and not overwrite:
+            raise InputError(f"output {p} already exists; pass --overwrite to replace it")
+
+
+def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Optional[str],
+                 overlay: Optional[str], session=None, progress=None) -> dict:
+    """Segment one volume from one prompts file and write the outputs atomically; returns a report."""
+    from . import api, io
+
+    _check_outputs([output, labelmap, overlay], args.overwrite)
+    array_kji, ijk_to_ras = io.read_volume(volume)
+    report = api.SegmentationReport()
+    loader = _adapter_loader() if (args.adapter or _prompts_name_adapter(prompts_path)) else None
+    masks = api.segment(array_kji, ijk_to_ras, prompts_path, session=session or _session(args),
+                        preset=args.preset, adapter=args.adapter, adapter_loader=loader, report=report,
+                        progress=progress)
+    io.write_segmentation(output, masks, ijk_to_ras, overwrite=args.overwrite)
+    if labelmap:
+        io.write_labelmap(labelmap, masks, ijk_to_ras, overwrite=args.overwrite)
+    if overlay:
+        from .overlay import write_overlay
+
+        write_overlay(overlay, array_kji, ijk_to_ras, masks, overwrite=args.overwrite)
+    return {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
+            "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
+            "seconds": round(report.seconds, 2), "segments": report.segments}
+
+
+def _prompts_name_adapter(prompts_path) -> bool:
+    try:
+        return '"adapter"' in Path(prompts_path).read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc="segment", unit="%", disable=args.quiet, file=sys.stderr) as bar:
+        def progress(fraction, message):
+            bar.n = round(100 * fraction)
+            bar.set_postfix_str(message[:40], refresh=True)
+
+        rep = segment_case(args, args.volume, args.prompts, args.output, args.labelmap, args.overlay,
+                           progress=progress)
+    print(json.dumps(rep, indent=1))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    """Every volume of a cohort folder with its prompts file; resumable, never overwrites, keeps going."""
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .io import write_text_atomic
+
+    cohort, prompts_dir, out_dir = Path(args.cohort), Path(args.prompts_dir), Path(args.output_dir)
+    for p, what in ((cohort, "cohort folder"), (prompts_dir, "prompts folder")):
+        if not p.is_dir():
+            raise InputError(f"{what} {p} does not exist or is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = sorted(p for p in cohort.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
+    if not cases:
+        raise InputError(f"no volumes ({', '.join(VOLUME_SUFFIXES)}) in {cohort}")
+    session = None
+    summary = {"done": [], "skipped": [], "failed": []}
+    for volume in tqdm(cases, desc="batch", unit="case", disable=args.quiet, file=sys.stderr):
+        case = _stem(volume)
+        output = out_dir / f"{case}.seg.nrrd"
+        report_path = out_dir / f"{case}.report.json"
+        prompts_path = prompts_dir / f"{case}.json"
+        if output.exists() and report_path.exists() and not args.overwrite:
+            summary["skipped"].append(case)
+            continue
+        t0 = time.perf_counter()
+        try:
+            if not prompts_path.is_file():
+                raise InputError(f"no prompts file {prompts_path} for case {case}")
+            session = session or _session(args)
+            labelmap = str(out_dir / f"{case}.labels.nii.gz") if args.labelmaps else None
+            rep = segment_case(args, str(volume), str(prompts_path), str(output), labelmap, None, session=session)
+            rep["status"] = "done"
+            summary["done"].append(case)
+        except Exception as exc:  # one bad case must not stop the cohort
+            log.error("case %s failed: %s", case, exc)
+            rep = {"volume": str(volume), "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if not isinstance(exc, MedFMError):
+                rep["traceback"] = traceback.format_exc()
+            summary["failed"].append(case)
+        write_text_atomic(report_path, json.dumps(rep, indent=1), overwrite=True)
+    print(json.dumps(summary, indent=1))
+    return 1 if summary["failed"] else 0
+
+
+def cmd_detect_segment(args) -> int:
+    from . import detectors, io
+    from .chain import detect_and_segment
+
+    _check_outputs([args.output, args.labelmap], args.overwrite)
+    array_kji, ijk_to_ras = io.read_volume(args.volume)
+    detector = detectors.detector_from_spec(args.detector)
+    loader = _adapter_loader() if args.adapter_dir else None
+    masks, report = detect_and_segment(_session(args), detector, array_kji, ijk_to_ras, axis=args.axis,
+                                       score_threshold=args.score_threshold, margin_vox=args.margin,
+                                       adapter_dir=args.adapter_dir, adapter_loader=loader, preset=args.preset)
+    if not masks:
+        print(json.dumps({"message": "the detector found nothing; no output written", **report}, indent=1))
+        return 0
+    io.write_segmentation(args.output, masks, ijk_to_ras, overwrite=args.overwrite)
+    if args.labelmap:
+        io.write_labelmap(args.labelmap, masks, ijk_to_ras, overwrite=args.overwrite)
+    print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import REGISTRY
+
+    for spec in REGISTRY.values():
+        print(f"{spec.id:14s} {'embedded' if spec.embedded else 'checkpoint path':16s} {spec.description}")
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="litemedsam", help="model id (see `medfm models`), default litemedsam")
+    p.add_argument("--checkpoint", help="checkpoint file for models whose weights are not embedded")
+    p.add_argument("--allow-unverified", action="store_true", help="accept a checkpoint whose sha256 is unknown or differs")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: faster encoder on CPU")
+    p.add_argument("--preset", help="intensity preset (auto, ct-soft-tissue, ct-bone, ct-lung, ct-brain, ct-full, mr)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfm", description="MedFM: promptable medical segmentation, headless.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment one volume from a prompts file")
+    p.add_argument("volume")
+    p.add_argument("--prompts", required=True, help="prompts JSON (see README, 'The prompts file')")
+    p.add_argument("--output", required=True, help="output .seg.nrrd")
+    p.add_argument("--labelmap", help="also write a labelmap (.nii.gz / .nrrd), label i+1 for segment i")
+    p.add_argument("--overlay", help="also write a PNG overlay of the result")
+    p.add_argument("--adapter", help="adapter directory applied to every segment")
+    _model_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment every volume of a cohort folder (resumable)")
+    p.add_argument("cohort")
+    p.add_argument("--prompts-dir", required=True, help="folder of CASE.json prompts, one per CASE volume")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--labelmaps", action="store_true", help="also write CASE.labels.nii.gz")
+    p.add_argument("--adapter", help="adapter directory applied to every segment")
+    _model_options(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("detect-segment", help="detector boxes -> SAM -> one segment per label")
+    p.add_argument("volume")
+    p.add_argument("--detector", required=True, help="labelmap:PATH[:per-component] | boxes:PATH | monai:PATH | adapter:DIR")
+    p.add_argument("--output", required=True)
+    p.add_argument("--labelmap")
+    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--margin", type=int, default=2, help="voxels added around each detected box")
+    p.add_argument("--adapter-dir", help="folder of organ adapters; a label's adapter is used when present")
+    _model_options(p)
+    p.set_defaults(func=cmd_detect_segment)
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.set_defaults(func=cmd_models)
+
+    try:  # the trainer adds `medfm tune`; imported here only to build its parser (no torch work)
+        from MedFMTrainLib.cli import add_tune_parser
+    except ImportError:
+        add_tune_parser = None
+    if add_tune_parser is not None:
+        add_tune_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MedFMError as exc:
+        print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medfm: interrupted; outputs not written are left as they were", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Per-volume intensity normalisation, and the one place slices become model inputs.
+
+A preset maps the whole volume to uint8 0..255 once (never per-slice min-max of raw values), so
+neighbouring slices of one structure look alike to the model. ``slice_to_model`` crops a region of
+a slice, resamples it to square pixels and resizes it to the model's input size in one step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    window: Optional[Tuple[float, float]] = None  # fixed (low, high) in raw units, e.g. HU
+    percentiles: Optional[Tuple[float, float]] = None  # or per-volume percentiles
+
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (
+    Preset("ct-soft-tissue", "CT soft tissue window W400 L40", window=(-160.0, 240.0)),
+    Preset("ct-bone", "CT bone window W1800 L400", window=(-500.0, 1300.0)),
+    Preset("ct-lung", "CT lung window W1500 L-600", window=(-1350.0, 150.0)),
+    Preset("ct-brain", "CT brain window W80 L40", window=(0.0, 80.0)),
+    Preset("ct-full", "CT full range -1024..3071 HU", window=(-1024.0, 3071.0)),
+    Preset("mr", "MR / other: 0.5-99.5 percentiles of the volume", percentiles=(0.5, 99.5)),
+)}
+
+# Chosen from Testing/benchmarks/bench_presets.py on the shared data (see README, "Accuracy").
+DEFAULT_PRESET = {"ct": "ct-full", "mr": "mr"}
+
+
+def validate_volume(array_kji) -> np.ndarray:
+    """Check that ``array_kji`` is a finite, non-constant, 3D scalar volume; return it as an ndarray."""
+    a = np.asarray(array_kji)
+    if a.ndim == 4 and a.shape[-1] in (2, 3, 4):
+        raise InputError(f"volume has {a.shape[-1]} components per voxel (shape {a.shape}): an RGB or vector "
+                         "volume; MedFM needs a scalar volume (convert it to grey first)")
+    if a.ndim != 3:
+        raise InputError(f"volume must be a 3D array indexed [k, j, i], got {a.ndim}D with shape {a.shape}")
+    if min(a.shape) < 1:
+        raise InputError(f"volume is empty (shape {a.shape})")
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"volume has unsupported voxel type {a.dtype}; expected integers or floats")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise InputError(f"volume contains {int(bad.sum())} NaN or inf voxels (first at [k, j, i] = "
+                             f"{tuple(int(v) for v in np.argwhere(bad)[0])}); fill or mask them first")
+    if a.min() == a.max():
+        raise InputError(f"volume is constant (every voxel is {a.flat[0]}): nothing to segment")
+    return a
+
+
+def guess_modality(array_kji: np.ndarray) -> str:
+    """'ct' when values look like Hounsfield units (air near -1000), else 'mr'."""
+    lo = float(np.percentile(array_kji[::4, ::4, ::4], 0.5))
+    return "ct" if lo < -500 and array_kji.dtype.kind in "if" else "mr"
+
+
+def resolve_preset(preset: Optional[str], array_kji: np.ndarray) -> Preset:
+    if preset in (None, "auto"):
+        name = DEFAULT_PRESET[guess_modality(array_kji)]
+    elif preset in PRESETS:
+        name = preset
+    else:
+        raise InputError(f"unknown intensity preset {preset!r}: use auto or one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def intensity_range(array_kji: np.ndarray, preset: Preset) -> Tuple[float, float]:
+    if preset.window is not None:
+        return preset.window
+    sample = array_kji[::2, ::2, ::2] if array_kji.size > 8_000_000 else array_kji
+    lo, hi = np.percentile(sample, preset.percentiles)
+    if hi <= lo:
+        lo, hi = float(array_kji.min()), float(array_kji.max())
+    return float(lo), float(hi)
+
+
+def normalise_volume(array_kji, preset: Optional[str] = None) -> Tuple[np.ndarray, Preset, Tuple[float, float]]:
+    """Map a volume to uint8 0..255 with one intensity range for the whole volume."""
+    a = validate_volume(array_kji)
+    p = resolve_preset(preset, a)
+    lo, hi = intensity_range(a, p)
+    out = np.empty(a.shape, np.uint8)
+    scale = 255.0 / (hi - lo)
+    for k in range(a.shape[0]):  # slice by slice: bounded temporary memory on large volumes
+        out[k] = np.clip((a[k].astype(np.float32) - lo) * scale, 0, 255).round()
+    log.info("intensity preset %s: [%g, %g] -> 0..255", p.name, lo, hi)
+    return out, p, (lo, hi)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A square-in-millimetres window of a slice, mapped onto the model input.
+
+    ``x0, y0`` is the slice pixel at the model input's top-left; ``sx, sy`` are model pixels per slice
+    pixel along x and y (different when the slice pixels are not square).
+    """
+
+    x0: float
+    y0: float
+    sx: float
+    sy: float
+    size: int  # model input size S
+
+    def to_model(self, xy_slice) -> np.ndarray:
+        p = np.asarray(xy_slice, np.float64).reshape(-1, 2)
+        return np.stack([(p[:, 0] - self.x0) * self.sx, (p[:, 1] - self.y0) * self.sy], axis=1)
+
+    def box_to_model(self, box_xy) -> np.ndarray:
+        x0, y0, x1, y1 = box_xy
+        return self.to_model([(x0, y0), (x1, y1)]).reshape(4)
+
+    @property
+    def key(self) -> Tuple[float, ...]:
+        return (round(self.x0, 3), round(self.y0, 3), round(self.sx, 5), round(self.sy, 5), self.size)
+
+
+def full_slice_crop(shape_yx, pixel_spacing_yx, size: int) -> Crop:
+    """The whole slice, longest side (in mm) resized to ``size``, padded at the bottom / right."""
+    h, w = shape_yx
+    sy_mm, sx_mm = pixel_spacing_yx
+    extent_mm = max(h * sy_mm, w * sx_mm)
+    return Crop(0.0, 0.0, size * sx_mm / extent_mm, size * sy_mm / extent_mm, size)
+
+
+def box_crop(box_xy, shape_yx, pixel_spacing_yx, size: int, context: float = 1.0,
+             min_extent_mm: float = 24.0) -> Crop:
+    """A crop centred on a box: the box's larger side (mm) times (1 + 2 * ``context``), square in mm.
+
+    ``context`` is the margin on each side as a fraction of the box's larger side; the crop never
+    exceeds the slice's own extent, so a big box falls back to the whole slice.
+    """
+    x0, y0, x1, y1 = box_xy
+    sy_mm, sx_mm = pixel_spacing_yx
+    h, w = shape_yx
+    side_mm = max((x1 - x0 + 1) * sx_mm, (y1 - y0 + 1) * sy_mm)
+    extent_mm = max(side_mm * (1.0 + 2.0 * context), min_extent_mm)
+    full_mm = max(h * sy_mm, w * sx_mm)
+    if extent_mm >= full_mm:
+        return full_slice_crop(shape_yx, pixel_spacing_yx, size)
+    cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0  # centre in pixel-edge coordinates
+    half_x, half_y = extent_mm / (2 * sx_mm), extent_mm / (2 * sy_mm)
+    return Crop(cx - half_x, cy - half_y, size * sx_mm / extent_mm, size * sy_mm / extent_mm, size)
+
+
+def _affine_grid(crop: Crop, shape_yx, out_hw) -> torch.Tensor:
+    """Sampling grid (normalised coords of the slice) for each output pixel of the crop."""
+    h, w = shape_yx
+    oh, ow = out_hw
+    u = (torch.arange(ow, dtype=torch.float64) + 0.5) / crop.sx + crop.x0  # slice x (edge coords)
+    v = (torch.arange(oh, dtype=torch.float64) + 0.5) / crop.sy + crop.y0
+    gx = (u / w) * 2 - 1
+    gy = (v / h) * 2 - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+    return grid[None].float()
+
+
+def slice_to_model(slice_u8: np.ndarray, crop: Crop) -> np.ndarray:
+    """Resample a uint8 slice through ``crop`` into an (S, S) float32 image in [0, 1] (zeros outside)."""
+    img = torch.from_numpy(np.ascontiguousarray(slice_u8, dtype=np.float32) / 255.0)[None, None]
+    grid = _affine_grid(crop, slice_u8.shape, (crop.size, crop.size))
+    # antialias when shrinking: average-pool first so thin structures are not aliased away
+    shrink = min(crop.sx, crop.sy)
+    if shrink < 0.5:
+        f = int(1 / shrink)
+        img = F.avg_pool2d(img, f, ceil_mode=True)
+        # same positions in the pooled image: g' = (g + 1) * w / (f * w') - 1
+        grid_scale = torch.tensor([slice_u8.shape[1] / (f * img.shape[-1]), slice_u8.shape[0] / (f * img.shape[-2])])
+        grid = (grid + 1) * grid_scale.float() - 1
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def model_to_slice(logits_model: torch.Tensor, crop: Crop, shape_yx) -> np.ndarray:
+    """Map (S, S) model-input logits back onto the slice grid; pixels outside the crop get -inf-ish."""
+    h, w = shape_yx
+    lg = logits_model.float()[None, None] if logits_model.dim() == 2 else logits_model.float()
+    if lg.shape[-1] != crop.size:
+        lg = F.interpolate(lg, size=(crop.size, crop.size), mode="bilinear", align_corners=False)
+    # slice pixel centres -> model input normalised coords
+    xs = ((torch.arange(w, dtype=torch.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1
+    ys = ((torch.arange(h, dtype=torch.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None].float()
+    out = F.grid_sample(lg.cpu(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    inside = (grid[0, ..., 0].abs() <= 1) & (grid[0, ..., 1].abs() <= 1)
+    out[~inside] = -20.0
+    return out.numpy()

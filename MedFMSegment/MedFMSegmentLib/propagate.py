@@ -1,0 +1,232 @@
+"""3D segmentation from a few prompts: slice-by-slice propagation, a pure function of a session.
+
+```python
+vol = propagate(session, axis="axial", progress=cb, should_stop=flag.is_set)   # -> VolumeResult
+vol = propagate(session, axis="axial", previous=vol.mask, from_index=63)      # after a correction
+vol = segment_roi(session, roi_ijk=((i0, j0, k0), (i1, j1, k1)), axis="axial")
+```
+
+Every slice the user prompted on ``axis`` is a fixed seed: its mask is kept as the user left it and
+never overwritten. From each seed the object is carried outward one slice at a time: the previous
+slice's mask, grown by a margin, becomes the next slice's box. Propagation stops where the object
+ends (empty mask, area collapse or predicted IoU below a floor), at the volume's edge, at the ROI's
+edge, or where it meets the next seed (slices between two seeds take the nearer seed's result).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import geometry
+from .errors import Cancelled, InputError
+
+log = logging.getLogger(__name__)
+
+Progress = Optional[Callable[[float, str], None]]
+ShouldStop = Optional[Callable[[], bool]]
+
+
+@dataclass
+class PropagationConfig:
+    margin_mm: float = 2.0  # grow the previous mask's box by this much for the next slice
+    min_score: float = 0.35  # predicted IoU below this ends the object
+    min_area_mm2: float = 4.0  # smaller masks end the object
+    min_area_ratio: float = 0.2  # area / previous area below this ends the object
+    max_area_ratio: float = 3.0  # a sudden jump is a leak: the object ends
+
+
+@dataclass
+class VolumeResult:
+    mask: np.ndarray  # uint8 [k, j, i]
+    axis: str
+    scores: Dict[int, float] = field(default_factory=dict)  # slice index -> predicted IoU
+    seeds: List[int] = field(default_factory=list)
+    stopped: Dict[str, str] = field(default_factory=dict)  # "down"/"up" per seed -> why it stopped
+    seconds: float = 0.0
+    encoded: int = 0  # slices whose image embedding had to be computed
+
+
+def _check_callbacks(should_stop: ShouldStop):
+    if should_stop is not None and should_stop():
+        raise Cancelled("propagation was stopped; the segmentation is unchanged")
+
+
+def _grow_box(box, shape_yx, mx, my, clamp=None):
+    x0, y0, x1, y1 = box
+    h, w = shape_yx
+    x0, y0, x1, y1 = max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1)
+    if clamp is not None:
+        cx0, cy0, cx1, cy1 = clamp
+        x0, y0, x1, y1 = max(x0, cx0), max(y0, cy0), min(x1, cx1), min(y1, cy1)
+        if x1 < x0 or y1 < y0:
+            return None
+    return x0, y0, x1, y1
+
+
+def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, fixed, progress_tick,
+          should_stop) -> str:
+    """Carry ``start_mask`` from slice ``start`` toward ``stop`` (exclusive) in direction ``step``."""
+    shape_yx = geometry.slice_shape(session.shape, axis)
+    sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
+    mx, my = cfg.margin_mm / sx, cfg.margin_mm / sy
+    min_area = cfg.min_area_mm2 / (sx * sy)
+    prev = start_mask
+    index = start + step
+    while index != stop:
+        if index in fixed:
+            return f"reached seed slice {index}"
+        if not 0 <= index < geometry.num_slices(session.shape, axis):
+            return "reached the edge of the volume"
+        _check_callbacks(should_stop)
+        box = geometry.box_from_mask(prev)
+        box = _grow_box(box, shape_yx, mx, my, clamp_box) if box is not None else None
+        if box is None:
+            return f"left the ROI at slice {index}"
+        before = session.cache.misses
+        r = session.segment_box(axis, index, box)
+        result.encoded += session.cache.misses - before
+        mask = r.mask
+        if mask.any():  # keep what continues the object from the previous slice
+            from .session import _keep_components_touching
+            mask = _keep_components_touching(mask, _dilate(prev > 0, 2))
+        area, prev_area = int(mask.sum()), int(prev.sum())
+        progress_tick(index)
+        if area < min_area:
+            return f"object ended at slice {index} (area {area} px)"
+        if r.score < cfg.min_score:
+            return f"object ended at slice {index} (predicted IoU {r.score:.2f})"
+        if area < cfg.min_area_ratio * prev_area:
+            return f"object ended at slice {index} (area fell from {prev_area} to {area} px)"
+        if area > cfg.max_area_ratio * prev_area:
+            return f"stopped at slice {index}: area jumped from {prev_area} to {area} px (leak)"
+        geometry.set_slice(result.mask, axis, index, mask)
+        result.scores[index] = r.score
+        prev = mask
+        index += step
+    return "reached the end of the range"
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(r):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def propagate(session, axis: Optional[str] = None, direction: str = "both", seeds: Optional[Sequence[int]] = None,
+              previous: Optional[np.ndarray] = None, from_index: Optional[int] = None,
+              limits: Optional[Tuple[int, int]] = None, clamp_box=None,
+              config: Optional[PropagationConfig] = None, progress: Progress = None,
+              should_stop: ShouldStop = None) -> VolumeResult:
+    """Carry the session's prompted slices through the volume along ``axis`` (see module docstring).
+
+    - ``seeds``: slice indices to start from (default: every prompted slice on ``axis``);
+    - ``previous`` + ``from_index``: re-propagate after a correction on slice ``from_index``: only the
+      slices between its neighbouring seeds are recomputed, the rest of ``previous`` is kept;
+    - ``limits``: inclusive (first, last) slice range; ``clamp_box``: boxes never leave this 2D box;
+    - ``progress(fraction, message)``, ``should_stop()``: raise ``Cancelled`` and change nothing.
+    """
+    t0 = time.perf_counter()
+    cfg = config or PropagationConfig()
+    prompted = session.prompted_slices()
+    if axis is None:
+        axes = [a for a, _ in prompted]
+        if not axes:
+            raise InputError("nothing to propagate: prompt at least one slice first")
+        axis = max(set(axes), key=axes.count)
+    geometry.check_axis(axis)
+    if direction not in ("both", "up", "down"):
+        raise InputError(f"direction must be both, up or down, got {direction!r}")
+    n = geometry.num_slices(session.shape, axis)
+    fixed = {i for a, i in prompted if a == axis}
+    seeds = sorted(fixed if seeds is None else {int(s) for s in seeds})
+    if not seeds:
+        raise InputError(f"no prompted slice on the {axis} axis to propagate from")
+    for s in seeds:
+        if (axis, s) not in prompted:
+            raise InputError(f"{axis} slice {s} has no prompt: it cannot seed propagation")
+    lo, hi = (0, n - 1) if limits is None else (max(int(limits[0]), 0), min(int(limits[1]), n - 1))
+    result = VolumeResult(np.zeros(session.shape, np.uint8), axis, seeds=list(seeds))
+    if previous is not None:
+        if previous.shape != tuple(session.shape):
+            raise InputError(f"previous mask has shape {previous.shape}, the volume {session.shape}")
+        result.mask[...] = previous > 0
+    all_fixed = sorted(fixed)
+
+    def reach(s):  # exclusive (down, up) stops of seed s: slices between seeds go to the nearer one
+        below = [f for f in all_fixed if f < s]
+        above = [f for f in all_fixed if f > s]
+        return ((below[-1] + s) // 2 if below else lo - 1), ((s + above[0]) // 2 + 1 if above else hi + 1)
+
+    if from_index is not None:
+        if from_index not in fixed:
+            raise InputError(f"{axis} slice {from_index} has no prompt: nothing to re-propagate from")
+        down, up = reach(from_index)
+        sl = [slice(None)] * 3
+        sl[geometry.array_axis(axis)] = slice(down + 1, up)
+        result.mask[tuple(sl)] = 0  # the corrected seed's own range is recomputed; the rest is kept
+        seeds = [from_index]
+    for s in all_fixed:  # user slices are fixed: their masks stand as they are
+        geometry.set_slice(result.mask, axis, s, session.slice_state(axis, s).mask)
+    total = max(sum(reach(s)[1] - reach(s)[0] - 2 for s in seeds), 1)
+    done = [0]
+
+    def tick(index):
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0] / total, 1.0), f"{axis} slice {index}")
+
+    for s in seeds:
+        mask = session.slice_state(axis, s).mask
+        if not mask.any():
+            result.stopped[f"{s}"] = "seed mask is empty"
+            continue
+        down, up = reach(s)
+        for name, stop, step in (("down", down, -1), ("up", up, +1)):
+            if direction in ("both", name):
+                result.stopped[f"{s} {name}"] = _walk(session, axis, mask, s, stop, step, cfg, clamp_box, result,
+                                                      fixed - {s}, tick, should_stop)
+    if progress is not None:
+        progress(1.0, "done")
+    result.seconds = time.perf_counter() - t0
+    log.info("propagated %s from seeds %s in %.1f s (%d slices encoded): %s", axis, seeds, result.seconds,
+             result.encoded, result.stopped)
+    return result
+
+
+def segment_roi(session, roi_ijk, axis: str = "axial", config: Optional[PropagationConfig] = None,
+                progress: Progress = None, should_stop: ShouldStop = None) -> VolumeResult:
+    """Segment every slice inside a 3D box (inclusive IJK corners).
+
+    The middle slice is prompted with the ROI's rectangle; the object is then carried toward both
+    ends, its boxes never leaving the ROI, so slices near the ends get boxes fitted to the object
+    rather than the whole rectangle. The session's prompts are left as they were.
+    """
+    geometry.check_axis(axis)
+    (i0, j0, k0), (i1, j1, k1) = [[float(v) for v in c] for c in roi_ijk]
+    lo_ijk = np.floor(np.minimum([i0, j0, k0], [i1, j1, k1])).astype(int)
+    hi_ijk = np.ceil(np.maximum([i0, j0, k0], [i1, j1, k1])).astype(int)
+    shape_ijk = np.array(session.shape[::-1])
+    if np.any(hi_ijk < 0) or np.any(lo_ijk > shape_ijk - 1):
+        raise InputError(f"ROI {roi_ijk} lies outside the volume (i, j, k sizes {tuple(shape_ijk)})")
+    lo_ijk, hi_ijk = np.maximum(lo_ijk, 0), np.minimum(hi_ijk, shape_ijk - 1)
+    first = geometry.ijk_to_slice(lo_ijk, axis)[0]
+    last = geometry.ijk_to_slice(hi_ijk, axis)[0]
+    _, box = geometry.box_ijk_to_slice(lo_ijk, hi_ijk, axis)
+    middle = (first + last) // 2
+    saved = (dict(session._states), list(session._history))
+    try:
+        session.add_box(axis, middle, box)
+        return propagate(session, axis=axis, seeds=[middle], limits=(first, last), clamp_box=box,
+                         config=config, progress=progress, should_stop=should_stop)
+    finally:
+        session._states, session._history = saved

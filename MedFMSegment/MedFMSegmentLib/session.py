@@ -1,0 +1,489 @@
+"""The prompt session: one volume, one object, prompts on any slice of any axis, undo.
+
+```python
+session = PromptSession()                                  # LiteMedSAM on the best device
+session.set_volume(array_kji, ijk_to_ras)                  # returns at once (no encoding yet)
+r = session.add_box("axial", 57, (x0, y0, x1, y1))          # -> SliceResult(mask, score)
+r = session.add_point(ijk=(i, j, k), positive=False, axis="axial")   # refine the same slice
+session.undo(); session.reset()
+```
+
+Encoding a slice is the expensive step: embeddings are cached per (volume, axis, index, crop) in an
+LRU bounded by bytes, shared between sessions that share a ``EmbeddingCache``; a second prompt on the
+same slice runs only the decoder. ``prefetch`` encodes ahead in a background thread (futures that
+can be cancelled).
+
+Accuracy choices (measured in Testing/benchmarks/bench_2d.py):
+
+- **Zoom**: the model sees a crop around the prompt, square in millimetres (anisotropic slices are
+  resampled to square pixels in the same step), not the whole slice squeezed into 256 px.
+- **Clicks on box-trained models** (LiteMedSAM, MedSAM) become boxes: a first positive click tries
+  boxes of several sizes around it and keeps the one whose mask fits it best; a later positive click
+  outside the mask grows the box to reach it; a negative click moves the nearest box edge past it.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import geometry
+from .errors import InputError
+from .models import PromptableModel, load_model
+from .preprocess import Crop, box_crop, full_slice_crop, model_to_slice, normalise_volume, slice_to_model
+
+log = logging.getLogger(__name__)
+
+SliceKey = Tuple[str, int]
+BoxXY = Tuple[float, float, float, float]
+
+
+class EmbeddingCache:
+    """Thread-safe LRU of image embeddings, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = int(max_bytes)
+        self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key) -> Optional[torch.Tensor]:
+        with self._lock:
+            emb = self._items.get(key)
+            if emb is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return emb
+
+    def put(self, key, emb: torch.Tensor) -> None:
+        size = emb.element_size() * emb.nelement()
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = emb
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.element_size() * old.nelement()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+@dataclass
+class SessionConfig:
+    zoom: bool = True  # crop around the prompt instead of the whole slice
+    context: float = 0.5  # crop margin on each side, as a fraction of the box's larger side
+    min_crop_mm: float = 24.0
+    mask_threshold: float = 0.0  # logit threshold
+    keep_component_in_box: bool = True  # drop mask islands outside the box
+    click_box_sizes_mm: Tuple[float, ...] = (8.0, 12.0, 18.0, 27.0, 40.0, 60.0, 90.0)
+    click_margin_mm: float = 2.0
+
+
+@dataclass
+class SliceState:
+    """The prompts on one slice and the result they gave."""
+
+    box_xy: Optional[BoxXY] = None  # the box sent to the model (user's or derived from clicks)
+    user_box: bool = False
+    points: List[Tuple[Tuple[float, float], bool]] = field(default_factory=list)  # (xy_slice, positive)
+    mask: Optional[np.ndarray] = None  # uint8 (H, W) in slice pixels
+    score: float = 0.0
+
+
+@dataclass
+class SliceResult:
+    axis: str
+    index: int
+    mask: np.ndarray  # uint8 (H, W): the slice's mask on the volume grid, see geometry.get_slice
+    score: float  # the model's predicted IoU, in [0, 1]
+    box_xy: Optional[BoxXY] = None
+
+    def paste_into(self, mask_kji: np.ndarray) -> None:
+        geometry.set_slice(mask_kji, self.axis, self.index, self.mask)
+
+
+def _components(mask: np.ndarray):
+    """Connected components (4-neighbour) of a 2D mask as a label image (pure numpy + torch)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(img, False))
+
+
+def _keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    if not mask.any():
+        return mask
+    lab = _components(mask)
+    keep = np.unique(lab[region & (lab > 0)])
+    if keep.size == 0:
+        return mask
+    return np.isin(lab, keep).astype(np.uint8)
+
+
+class PromptSession:
+    """Promptable segmentation of one object in one volume (see module docstring)."""
+
+    def __init__(self, model: Union[str, PromptableModel] = "litemedsam", device: Optional[str] = None,
+                 cache: Optional[EmbeddingCache] = None, cache_bytes: int = 2 << 30,
+                 config: Optional[SessionConfig] = None, **model_kwargs):
+        self.model = model if isinstance(model, PromptableModel) else load_model(model, device=device, **model_kwargs)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
+        self.config = config or SessionConfig()
+        self.adapter = None  # an object with .applied(model) context manager (MedFMTrainLib adapters)
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._futures: Dict[tuple, Future] = {}
+        self._futures_lock = threading.Lock()
+        self._volume_u8: Optional[np.ndarray] = None
+        self._token = None
+        self._states: Dict[SliceKey, SliceState] = {}
+        self._history: List[Tuple[SliceKey, Optional[SliceState]]] = []
+
+    # ------------------------------------------------------------------ volume
+    _tokens = itertools.count()
+
+    def set_volume(self, array_kji, ijk_to_ras, preset: Optional[str] = None) -> None:
+        """Take a volume (``[k, j, i]`` array + 4x4 IJK-to-RAS). Validates, normalises; no encoding.
+
+        On error the session keeps its previous volume and prompts.
+        """
+        matrix = geometry.check_matrix(ijk_to_ras)
+        volume_u8, p, window = normalise_volume(array_kji, preset)
+        self.cancel_prefetch()
+        self._volume_u8, self.ijk_to_ras, self.preset, self.window = volume_u8, matrix, p.name, window
+        self._token = (next(self._tokens), id(volume_u8))
+        self._states.clear()
+        self._history.clear()
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        self._require_volume()
+        return tuple(self._volume_u8.shape)
+
+    def _require_volume(self):
+        if self._volume_u8 is None:
+            raise InputError("no volume: call set_volume(array_kji, ijk_to_ras) first")
+
+    # --------------------------------------------------------------- encoding
+    def _pixel_spacing(self, axis: str):
+        return geometry.slice_pixel_spacing(self.ijk_to_ras, axis)
+
+    def crop_for(self, axis: str, box_xy: Optional[BoxXY]) -> Crop:
+        """The model-input window for a prompt: zoomed on the box, or the whole slice."""
+        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        size = self.model.input_size
+        if box_xy is None or not self.config.zoom:
+            return full_slice_crop(shape, self._pixel_spacing(axis), size)
+        return box_crop(box_xy, shape, self._pixel_spacing(axis), size, self.config.context,
+                        self.config.min_crop_mm)
+
+    def _key(self, axis: str, index: int, crop: Crop) -> tuple:
+        enc = getattr(self.adapter, "encoder_id", None)
+        return (self._token, self.model.spec.id, self.model.precision, enc, axis, index, crop.key)
+
+    def embedding(self, axis: str, index: int, crop: Crop) -> torch.Tensor:
+        """The image embedding of a slice through ``crop`` (cached; waits for a prefetch in flight)."""
+        key = self._key(axis, index, crop)
+        emb = self.cache.get(key)
+        if emb is not None:
+            return emb
+        with self._futures_lock:
+            fut = self._futures.get(key)
+        if fut is not None and not fut.cancelled():
+            try:
+                return fut.result()
+            except Exception:  # a failed prefetch is retried in the foreground
+                log.debug("prefetch of %s failed; encoding now", key, exc_info=True)
+        return self._encode(key, axis, index, crop)
+
+    def _encode(self, key, axis, index, crop) -> torch.Tensor:
+        image = slice_to_model(geometry.get_slice(self._volume_u8, axis, index), crop)
+        emb = self.model.encode(image)
+        self.cache.put(key, emb)
+        return emb
+
+    def prefetch(self, axis: str, indices: Sequence[int], box_xy: Optional[BoxXY] = None) -> List[Future]:
+        """Encode slices in the background (one worker thread); returns futures that can be cancelled."""
+        self._require_volume()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfm-encode")
+        futures = []
+        for index in indices:
+            index = geometry.check_index(self._volume_u8.shape, axis, index)
+            crop = self.crop_for(axis, box_xy)
+            key = self._key(axis, index, crop)
+            with self._futures_lock:
+                if self.cache.get(key) is not None or key in self._futures:
+                    continue
+                fut = self._executor.submit(self._encode, key, axis, index, crop)
+                self._futures[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._forget(k))
+            futures.append(fut)
+        return futures
+
+    def _forget(self, key):
+        with self._futures_lock:
+            self._futures.pop(key, None)
+
+    def cancel_prefetch(self) -> None:
+        with self._futures_lock:
+            for fut in self._futures.values():
+                fut.cancel()
+            self._futures.clear()
+
+    def close(self) -> None:
+        self.cancel_prefetch()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    # ---------------------------------------------------------------- decoding
+    def _check_box(self, axis: str, index: int, box_xy) -> BoxXY:
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box_xy)
+        except (TypeError, ValueError):
+            raise InputError(f"box must be (x0, y0, x1, y1), got {box_xy!r}") from None
+        if not all(np.isfinite([x0, y0, x1, y1])):
+            raise InputError(f"box {box_xy!r} contains NaN or inf")
+        if x1 < x0 or y1 < y0:
+            raise InputError(f"box {box_xy!r} is inverted: need x0 <= x1 and y0 <= y1")
+        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+            raise InputError(f"box {box_xy!r} lies outside the {axis} slice {index} (x 0..{w - 1}, y 0..{h - 1})")
+        if x0 < 0 or y0 < 0 or x1 > w - 1 or y1 > h - 1:
+            log.warning("box %s clipped to the %s slice (%d x %d)", box_xy, axis, w, h)
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
+        return x0, y0, x1, y1
+
+    def predict(self, axis: str, index: int, box_xy: Optional[BoxXY], points=(), mask_input=None,
+                crop: Optional[Crop] = None) -> Tuple[np.ndarray, float, np.ndarray]:
+        """One model run on a slice: (logits on the slice grid, score, uint8 mask). Records nothing."""
+        crop = crop or self.crop_for(axis, box_xy)
+        emb = self.embedding(axis, index, crop)
+        box_model = crop.box_to_model(box_xy) if box_xy is not None else None
+        pts = lbl = None
+        if points and "points" in self.model.spec.trained_with:
+            pts = crop.to_model([p for p, _ in points])
+            lbl = [1 if pos else 0 for _, pos in points]
+        ctx = self.adapter.applied(self.model) if self.adapter is not None else _null_context()
+        with ctx:
+            logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input)
+        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        logits = model_to_slice(logits_model[0], crop, shape)
+        mask = (logits > self.config.mask_threshold).astype(np.uint8)
+        if box_xy is not None and self.config.keep_component_in_box:
+            x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
+            inside = np.zeros(mask.shape, bool)
+            inside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+            mask = _keep_components_touching(mask, inside)
+        for (x, y), positive in points:
+            if not positive:  # a negative click is never inside the result
+                mask = self._remove_at(mask, x, y)
+        return logits, float(np.clip(iou[0], 0, 1)), mask
+
+    @staticmethod
+    def _remove_at(mask, x, y):
+        xi, yi = int(round(x)), int(round(y))
+        if 0 <= yi < mask.shape[0] and 0 <= xi < mask.shape[1] and mask[yi, xi]:
+            mask = mask.copy()
+            mask[yi, xi] = 0
+        return mask
+
+    def segment_box(self, axis: str, index: int, box_xy) -> SliceResult:
+        """Segment a slice from a box without recording it as a prompt (used by propagation)."""
+        self._require_volume()
+        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        box = self._check_box(axis, index, box_xy)
+        _, score, mask = self.predict(axis, index, box)
+        return SliceResult(axis, index, mask, score, box)
+
+    # ----------------------------------------------------------------- prompts
+    def add_box(self, axis: str, index: int, box_xy) -> SliceResult:
+        """Prompt a slice with a box (inclusive slice-pixel corners x0, y0, x1, y1); replaces its box."""
+        self._require_volume()
+        geometry.check_axis(axis)
+        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        box = self._check_box(axis, index, box_xy)
+        key = (axis, index)
+        state = copy.deepcopy(self._states.get(key)) or SliceState()
+        state.box_xy, state.user_box = box, True
+        return self._run(key, state)
+
+    def add_point(self, ijk=None, positive: bool = True, axis: str = "axial", index: Optional[int] = None,
+                  xy_slice=None) -> SliceResult:
+        """Add a positive or negative click, given as a voxel ``ijk`` or as (``index``, ``xy_slice``)."""
+        self._require_volume()
+        geometry.check_axis(axis)
+        if ijk is not None:
+            p = np.asarray(ijk, np.float64).reshape(-1)
+            if p.size != 3 or not np.all(np.isfinite(p)):
+                raise InputError(f"point ijk must be 3 finite numbers, got {ijk!r}")
+            index, xy_slice = geometry.ijk_to_slice(p, axis)
+        elif index is None or xy_slice is None:
+            raise InputError("add_point needs ijk=(i, j, k) or index= and xy_slice=(x, y)")
+        index = geometry.check_index(self._volume_u8.shape, axis, int(index))
+        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        x, y = (float(v) for v in xy_slice)
+        if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
+            raise InputError(f"point {ijk if ijk is not None else xy_slice} lies outside the {axis} slice "
+                             f"{index} (x 0..{w - 1}, y 0..{h - 1})")
+        key = (axis, index)
+        state = copy.deepcopy(self._states.get(key)) or SliceState()
+        state.points.append(((x, y), bool(positive)))
+        state.box_xy = self._box_after_click(axis, index, state, (x, y), bool(positive))
+        return self._run(key, state)
+
+    def _run(self, key: SliceKey, state: SliceState) -> SliceResult:
+        axis, index = key
+        if state.box_xy is None:  # only negative clicks so far: nothing to segment
+            mask, score = np.zeros(geometry.slice_shape(self._volume_u8.shape, axis), np.uint8), 0.0
+        else:
+            _, score, mask = self.predict(axis, index, state.box_xy, state.points)
+        state.mask, state.score = mask, score
+        self._history.append((key, self._states.get(key)))
+        self._states[key] = state
+        return SliceResult(axis, index, mask, score, state.box_xy)
+
+    # ---------------------------------------------------------- click strategy
+    def _mm_to_px(self, axis: str, mm: float) -> Tuple[float, float]:
+        sy, sx = self._pixel_spacing(axis)
+        return mm / sx, mm / sy
+
+    def _box_after_click(self, axis, index, state: SliceState, xy, positive: bool) -> Optional[BoxXY]:
+        """Turn a click into the box a box-trained model needs (see module docstring)."""
+        x, y = xy
+        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        mx, my = self._mm_to_px(axis, self.config.click_margin_mm)
+        box, mask = state.box_xy, state.mask
+        if box is None:
+            if not positive:
+                return None
+            return self._box_from_click(axis, index, (x, y))
+        x0, y0, x1, y1 = box
+        inside_mask = mask is not None and mask[int(round(y)), int(round(x))] > 0
+        if positive and not inside_mask:
+            x0, y0, x1, y1 = min(x0, x - mx), min(y0, y - my), max(x1, x + mx), max(y1, y + my)
+        elif not positive:
+            # move the box edge nearest to the click (relative to the box size) just past it
+            cands = [((x - x0) / max(x1 - x0, 1), "x0"), ((x1 - x) / max(x1 - x0, 1), "x1"),
+                     ((y - y0) / max(y1 - y0, 1), "y0"), ((y1 - y) / max(y1 - y0, 1), "y1")]
+            frac, edge = min(cands)
+            if 0 <= frac < 0.5:
+                if edge == "x0":
+                    x0 = x + 1
+                elif edge == "x1":
+                    x1 = x - 1
+                elif edge == "y0":
+                    y0 = y + 1
+                else:
+                    y1 = y - 1
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
+        if x1 < x0 or y1 < y0:
+            return box
+        return (x0, y0, x1, y1)
+
+    def _box_from_click(self, axis, index, xy) -> BoxXY:
+        """A first positive click: try square boxes of several sizes centred on it; keep the best fit.
+
+        A box fits when the mask it gives contains the click and lies inside the box without filling
+        it to the edges; among those, the model's predicted IoU decides. The winner is then tightened
+        to its mask plus a margin.
+        """
+        x, y = xy
+        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        sizes = self.config.click_box_sizes_mm
+        big = max(sizes)
+        hx, hy = self._mm_to_px(axis, big / 2)
+        crop = self.crop_for(axis, (x - hx, y - hy, x + hx, y + hy))
+        best, best_score = None, -np.inf
+        for s in sizes:
+            rx, ry = self._mm_to_px(axis, s / 2)
+            box = (max(x - rx, 0), max(y - ry, 0), min(x + rx, w - 1), min(y + ry, h - 1))
+            _, iou, mask = self.predict(axis, index, box, crop=crop)
+            xi, yi = int(round(x)), int(round(y))
+            if not mask[yi, xi]:
+                continue
+            mask = _keep_components_touching(mask, _point_region(mask.shape, xi, yi))
+            tight = geometry.box_from_mask(mask)
+            bx0, by0, bx1, by1 = (int(round(v)) for v in box)
+            border = np.zeros(mask.shape, bool)
+            border[by0:by1 + 1, bx0:bx1 + 1] = True
+            border[by0 + 1:by1, bx0 + 1:bx1] = False
+            touch = mask[border].mean() if border.any() else 1.0
+            fill = mask.sum() / max((bx1 - bx0 + 1) * (by1 - by0 + 1), 1)
+            score = iou - 1.5 * touch - 0.5 * max(0.0, fill - 0.8)
+            if score > best_score:
+                best, best_score = tight, score
+        if best is None:
+            rx, ry = self._mm_to_px(axis, sizes[len(sizes) // 2] / 2)
+            return (max(x - rx, 0), max(y - ry, 0), min(x + rx, w - 1), min(y + ry, h - 1))
+        mx, my = self._mm_to_px(axis, self.config.click_margin_mm)
+        x0, y0, x1, y1 = best
+        return (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))
+
+    # --------------------------------------------------------- state and undo
+    def undo(self) -> Optional[SliceResult]:
+        """Take back the last prompt; returns the slice's result before it (None if it had none)."""
+        if not self._history:
+            raise InputError("nothing to undo")
+        key, previous = self._history.pop()
+        if previous is None:
+            self._states.pop(key, None)
+            return None
+        self._states[key] = previous
+        return SliceResult(key[0], key[1], previous.mask, previous.score, previous.box_xy)
+
+    def reset(self) -> None:
+        """Forget all prompts and results (the volume and cached embeddings stay)."""
+        self._states.clear()
+        self._history.clear()
+
+    def prompted_slices(self) -> List[SliceKey]:
+        return [k for k, s in self._states.items() if s.mask is not None and (s.box_xy is not None or s.points)]
+
+    def slice_state(self, axis: str, index: int) -> Optional[SliceState]:
+        return self._states.get((axis, index))
+
+    def mask_volume(self) -> np.ndarray:
+        """The prompted slices' masks pasted into a uint8 ``[k, j, i]`` volume."""
+        self._require_volume()
+        out = np.zeros(self._volume_u8.shape, np.uint8)
+        for (axis, index), st in self._states.items():
+            if st.mask is not None:
+                geometry.get_slice(out, axis, index)[st.mask > 0] = 1
+        return out
+
+
+def _point_region(shape, x, y):
+    r = np.zeros(shape, bool)
+    r[y, x] = True
+    return r
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,121 @@
+"""The shared real data (../shared/data) as benchmark structures: volumes, ground-truth masks, slices.
+
+Used by the benchmarks and the data tests; nothing here is copied into the repository.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("MEDFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# AAL label values (aal.nii.txt); cerebellum = every Cerebelum_*_{L,R} label
+AAL = {"Thalamus_L": [77], "Thalamus_R": [78], "Putamen_L": [73], "Putamen_R": [74],
+       "Caudate_L": [71], "Caudate_R": [72], "Pallidum_L": [75], "Pallidum_R": [76],
+       "Hippocampus_L": [37], "Hippocampus_R": [38], "Amygdala_L": [41], "Amygdala_R": [42],
+       "Cerebellum_L": list(range(91, 109, 2)), "Cerebellum_R": list(range(92, 109, 2))}
+DEEP_GREY = [n for n in AAL if not n.startswith("Cerebellum")]
+
+
+def available() -> bool:
+    return (DATA / "colin27" / "ch2.nii.gz").is_file() and (DATA / "cranium_ct" / "cranium_ct.nrrd").is_file()
+
+
+def read(path) -> Tuple[np.ndarray, np.ndarray]:
+    """(array_kji, ijk_to_ras) via SimpleITK, independent of the engine's own reader."""
+    img = sitk.ReadImage(str(path))
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = d * np.array(img.GetSpacing())[None, :]
+    m[:3, 3] = img.GetOrigin()
+    m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m  # LPS -> RAS
+    return sitk.GetArrayFromImage(img), m
+
+
+@dataclass
+class Structure:
+    name: str
+    volume: str  # "mri" or "ct"
+    mask: np.ndarray  # uint8 [k, j, i]
+    axes: Tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+
+@functools.lru_cache(maxsize=None)
+def volumes() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    return {"mri": read(DATA / "colin27" / "ch2.nii.gz"), "ct": read(DATA / "cranium_ct" / "cranium_ct.nrrd")}
+
+
+def _intracranial(bone: np.ndarray) -> np.ndarray:
+    """Inside of the skull ring, axial slice by slice: hole-filled bone minus bone, largest component."""
+    out = np.zeros_like(bone)
+    for k in range(bone.shape[0]):
+        sl = sitk.GetImageFromArray(bone[k])
+        filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(sl))
+        inner = (filled > 0) & (bone[k] == 0)
+        if inner.sum() < 200:
+            continue
+        lab = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(inner.astype(np.uint8)))))
+        out[k] = lab == 1
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def structures() -> Dict[str, Structure]:
+    aal, _ = read(DATA / "colin27" / "aal.nii.gz")
+    brain, _ = read(DATA / "colin27" / "ch2bet.nii.gz")
+    out = {name: Structure(name, "mri", np.isin(aal, labels).astype(np.uint8)) for name, labels in AAL.items()}
+    out["Brain"] = Structure("Brain", "mri", (brain > 0).astype(np.uint8))
+    head, _ = read(DATA / "cranium_ct" / "cranium_head_thr-142.nrrd")
+    bone, _ = read(DATA / "cranium_ct" / "cranium_bone_thr226.nrrd")
+    out["CT_head"] = Structure("CT_head", "ct", (head > 0).astype(np.uint8))
+    out["CT_skull"] = Structure("CT_skull", "ct", (bone > 0).astype(np.uint8))
+    out["CT_intracranial"] = Structure("CT_intracranial", "ct", _intracranial((bone > 0).astype(np.uint8)),
+                                       axes=("axial",))
+    return out
+
+
+def sample_slices(mask: np.ndarray, axis: str, n: int = 5, min_area: int = 20) -> List[int]:
+    """n slices evenly spread over the central 60% of the slices where the structure has min_area."""
+    a = {"axial": 0, "coronal": 1, "sagittal": 2}[axis]
+    area = mask.sum(axis=tuple(x for x in range(3) if x != a))
+    idx = np.nonzero(area >= min_area)[0]
+    if idx.size == 0:
+        return []
+    picks = np.quantile(idx, np.linspace(0.2, 0.8, n)).round().astype(int)
+    return sorted({int(idx[np.argmin(np.abs(idx - p))]) for p in picks})
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+def ellipse_in_box(shape, box_xy) -> np.ndarray:
+    """The model-free baseline: an ellipse inscribed in an inclusive box."""
+    x0, y0, x1, y1 = box_xy
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    ry, rx = (y1 - y0 + 1) / 2, (x1 - x0 + 1) / 2
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+
+
+def ellipsoid_in_box(shape, lo_kji, hi_kji) -> np.ndarray:
+    c = [(a + b) / 2 for a, b in zip(lo_kji, hi_kji)]
+    r = [(b - a + 1) / 2 for a, b in zip(lo_kji, hi_kji)]
+    kk, jj, ii = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    return ((((kk - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((ii - c[2]) / r[2]) ** 2) <= 1).astype(np.uint8)
+
+
+def padded_box(mask2d: np.ndarray, pad: int):
+    ys, xs = np.nonzero(mask2d)
+    h, w = mask2d.shape
+    return (max(int(xs.min()) - pad, 0), max(int(ys.min()) - pad, 0),
+            min(int(xs.max()) + pad, w - 1), min(int(ys.max()) + pad, h - 1))
