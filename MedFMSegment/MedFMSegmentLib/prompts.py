@@ -1,0 +1,625 @@
+"""The prompts file: what to segment and where, shared by batch mode, the scripting API and Slicer.
+
+A prompts file is JSON::
+
+    {
+      "space": "RAS",
+      "segments": [
+        {
+          "name": "Thalamus_L",
+          "roi": [[-20, -30, -5], [-2, -4, 18]],
+          "roi_axis": "axial",
+          "boxes": [{"corners": [[-20, -30, 6], [-2, -4, 6]], "axis": "axial"}],
+          "points": [{"position": [-11, -18, 6], "positive": true, "axis": "axial"}],
+          "adapter": "adapters/thalamus",
+          "propagate": true
+        }
+      ]
+    }
+
+Top level
+  ``space`` (required): ``"RAS"`` (millimetres in Slicer's patient RAS frame, as shown in Slicer)
+  or ``"IJK"`` (voxel indices ``(i, j, k)`` of the input volume, 0-based, may be fractional).
+  ITK/DICOM LPS coordinates are not accepted: negate x and y to get RAS.
+  ``segments`` (required): a non-empty list of segments.
+
+Segment
+  ``name`` (required): a non-empty string without control characters, unique in the file.
+  At least one prompt is required: ``roi``, ``boxes`` or ``points``.
+
+  ``roi``: a 3D box ``[[x0, y0, z0], [x1, y1, z1]]`` (two opposite corners, any order); every
+  ``roi_axis`` slice inside it is segmented. It is converted to inclusive voxel bounds (voxels it
+  touches by more than half a voxel). A ROI partly outside the volume is clipped with a warning;
+  entirely outside it is an error. Zero extent across the slices is an error (zero extent along
+  ``roi_axis`` is allowed: a single slice).
+  ``roi_axis``: the axis the ROI is sliced along (default ``"axial"``); only with ``roi``.
+
+  ``boxes``: 2D boxes ``{"corners": [[x, y, z], [x, y, z]], "axis": "axial"}``, each on one slice:
+  both corners must lie on the same ``axis`` slice (within 0.5 voxel); the box needs a non-zero
+  width and height on that slice. A box partly outside the slice is clipped with a warning.
+  ``points``: ``{"position": [x, y, z], "positive": true, "axis": "axial"}``; ``positive``
+  (default true) marks foreground, false background. The position must be inside the volume.
+  ``axis`` (boxes and points, default ``"axial"``) is ``"axial"`` (k), ``"coronal"`` (j) or
+  ``"sagittal"`` (i): slicing directions of the volume's voxel grid, also in RAS space.
+
+  ``adapter``: optional path to a per-segment adapter folder; in a file read by
+  :func:`load_prompts` a relative path is relative to the prompts file's folder.
+  ``propagate`` (default true): carry the 2D prompts (boxes, points) through the volume;
+  false segments only the prompted slices.
+
+Validation
+  Any error (malformed JSON with its line and column, unknown key, missing or wrong-typed value,
+  wrong length, NaN/Infinity, unknown space or axis, duplicate name, a segment without prompt,
+  a degenerate box, corners on different slices, a prompt outside the volume) raises
+  :class:`~MedFMSegmentLib.errors.InputError` whose message names the file and the key path, e.g.
+  ``prompts.json: segments[1].boxes[0].corners: ...``; all problems found are listed together.
+  Unknown keys are errors (a typo must not silently drop a prompt), except keys starting with
+  ``_``, which are ignored and can hold comments.
+
+Python API
+  :func:`parse_prompts` / :func:`load_prompts` validate and normalise the file (a plain dict with
+  all defaults filled in, coordinates still in the file's space); :func:`resolve` converts it
+  into the voxel frame of one volume (:class:`PromptSet`); :func:`to_dict` /
+  :func:`dump_prompts` write a :class:`PromptSet` back, in IJK or RAS.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import geometry
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+SPACES: Tuple[str, ...] = ("RAS", "IJK")
+DEFAULT_AXIS = "axial"
+SLICE_TOLERANCE = 0.5  # voxels: how far apart the two corners of a 2D box may be across its slice
+_EPS = 1e-6
+_MAX_LISTED_ERRORS = 20
+
+_TOP_KEYS = ("space", "segments")
+_SEGMENT_KEYS = ("name", "roi", "roi_axis", "boxes", "points", "adapter", "propagate")
+_BOX_KEYS = ("corners", "axis")
+_POINT_KEYS = ("position", "positive", "axis")
+_IJK = "ijk"
+
+
+# --------------------------------------------------------------------------- data classes
+
+@dataclass(frozen=True)
+class Box2D:
+    """A box on one slice: inclusive ``box_xy = (x0, y0, x1, y1)`` in slice coordinates."""
+    axis: str
+    index: int
+    box_xy: Tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A click on one slice at ``xy_slice = (x, y)``; ``positive`` False marks background."""
+    axis: str
+    index: int
+    xy_slice: Tuple[float, float]
+    positive: bool = True
+
+
+RoiIJK = Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+
+
+@dataclass
+class SegmentPrompts:
+    """The prompts of one segment in the voxel frame of a volume.
+
+    ``roi_ijk`` is inclusive voxel bounds ``((i0, j0, k0), (i1, j1, k1))`` inside the volume, or None.
+    """
+    name: str
+    roi_ijk: Optional[RoiIJK] = None
+    boxes: List[Box2D] = field(default_factory=list)
+    points: List[Point] = field(default_factory=list)
+    propagate: bool = True
+    adapter: Optional[str] = None
+    roi_axis: str = DEFAULT_AXIS
+
+
+@dataclass
+class PromptSet:
+    """All segments of a prompts file, resolved to one volume."""
+    segments: List[SegmentPrompts] = field(default_factory=list)
+
+    def names(self) -> List[str]:
+        return [s.name for s in self.segments]
+
+    def get(self, name: str) -> SegmentPrompts:
+        for segment in self.segments:
+            if segment.name == name:
+                return segment
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- error collection
+
+class _Problems:
+    """Collects validation problems so that one error lists all of them."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.items: List[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}" if where else message)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise InputError(f"{self.source}: {self.items[0]}")
+        shown = self.items[:_MAX_LISTED_ERRORS]
+        more = len(self.items) - len(shown)
+        lines = "\n".join(f"  - {item}" for item in shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise InputError(f"{self.source}: {len(self.items)} problems in the prompts:\n{lines}{tail}")
+
+
+# --------------------------------------------------------------------------- JSON and schema checks
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _loads(text: Union[str, bytes], source: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except _DuplicateKey as exc:
+        raise InputError(f"{source}: the key {exc.args[0]!r} appears twice in the same JSON object") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{source}: not UTF-8 text ({exc})") from exc
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_keys(obj: dict, allowed: Sequence[str], where: str, problems: _Problems) -> None:
+    for key in obj:
+        if not isinstance(key, str) or key.startswith("_") or key in allowed:
+            continue
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+        problems.add(f"{where}.{key}" if where else key, f"unknown key{hint}")
+
+
+def _object(value: Any, where: str, problems: _Problems) -> Optional[dict]:
+    if not isinstance(value, dict):
+        problems.add(where, f"expected an object {{...}}, got {_type_name(value)}")
+        return None
+    return value
+
+
+def _number(value: Any, where: str, problems: _Problems) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.add(where, f"expected a number, got {_type_name(value)} {value!r}")
+        return None
+    if not math.isfinite(value):
+        problems.add(where, f"must be a finite number, got {value!r}")
+        return None
+    return float(value)
+
+
+def _vector3(value: Any, where: str, problems: _Problems) -> Optional[List[float]]:
+    if not isinstance(value, list) or len(value) != 3:
+        got = f"{len(value)} values" if isinstance(value, list) else _type_name(value)
+        problems.add(where, f"expected 3 numbers [x, y, z], got {got}")
+        return None
+    numbers = [_number(v, f"{where}[{n}]", problems) for n, v in enumerate(value)]
+    return None if any(v is None for v in numbers) else numbers
+
+
+def _corners(value: Any, where: str, problems: _Problems) -> Optional[List[List[float]]]:
+    if not isinstance(value, list) or len(value) != 2:
+        got = f"{len(value)} items" if isinstance(value, list) else _type_name(value)
+        problems.add(where, f"expected 2 corners [[x, y, z], [x, y, z]], got {got}")
+        return None
+    corners = [_vector3(v, f"{where}[{n}]", problems) for n, v in enumerate(value)]
+    return None if any(c is None for c in corners) else corners
+
+
+def _axis(value: Any, where: str, problems: _Problems) -> Optional[str]:
+    if value not in geometry.AXES:
+        problems.add(where, f"unknown axis {value!r}: expected one of {', '.join(geometry.AXES)}")
+        return None
+    return value
+
+
+def _boolean(value: Any, where: str, problems: _Problems) -> Optional[bool]:
+    if not isinstance(value, bool):
+        problems.add(where, f"expected true or false, got {_type_name(value)} {value!r}")
+        return None
+    return value
+
+
+def _list(value: Any, where: str, problems: _Problems) -> List[Any]:
+    if not isinstance(value, list):
+        problems.add(where, f"expected a list, got {_type_name(value)}")
+        return []
+    return value
+
+
+def _name(value: Any, where: str, problems: _Problems) -> Optional[str]:
+    if not isinstance(value, str) or not value.strip():
+        problems.add(where, f"expected a non-empty string, got {_type_name(value)} {value!r}")
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problems.add(where, f"{value!r} contains control characters (e.g. a newline)")
+        return None
+    return value
+
+
+def _parse_box(value: Any, where: str, problems: _Problems) -> Optional[dict]:
+    box = _object(value, where, problems)
+    if box is None:
+        return None
+    _check_keys(box, _BOX_KEYS, where, problems)
+    if "corners" not in box:
+        problems.add(f"{where}.corners", "missing (two opposite corners [[x, y, z], [x, y, z]])")
+        return None
+    corners = _corners(box["corners"], f"{where}.corners", problems)
+    axis = _axis(box.get("axis", DEFAULT_AXIS), f"{where}.axis", problems)
+    return {"corners": corners, "axis": axis}
+
+
+def _parse_point(value: Any, where: str, problems: _Problems) -> Optional[dict]:
+    point = _object(value, where, problems)
+    if point is None:
+        return None
+    _check_keys(point, _POINT_KEYS, where, problems)
+    if "position" not in point:
+        problems.add(f"{where}.position", "missing ([x, y, z])")
+        return None
+    position = _vector3(point["position"], f"{where}.position", problems)
+    positive = _boolean(point.get("positive", True), f"{where}.positive", problems)
+    axis = _axis(point.get("axis", DEFAULT_AXIS), f"{where}.axis", problems)
+    return {"position": position, "positive": positive, "axis": axis}
+
+
+def _parse_segment(value: Any, where: str, problems: _Problems) -> Optional[dict]:
+    seg = _object(value, where, problems)
+    if seg is None:
+        return None
+    _check_keys(seg, _SEGMENT_KEYS, where, problems)
+    name = _name(seg["name"], f"{where}.name", problems) if "name" in seg else None
+    if "name" not in seg:
+        problems.add(f"{where}.name", "missing (every segment needs a name)")
+    roi = _corners(seg["roi"], f"{where}.roi", problems) if seg.get("roi") is not None else None
+    roi_axis = _axis(seg.get("roi_axis", DEFAULT_AXIS), f"{where}.roi_axis", problems)
+    if "roi_axis" in seg and "roi" not in seg:
+        problems.add(f"{where}.roi_axis", "given without a roi")
+    boxes = [_parse_box(b, f"{where}.boxes[{n}]", problems)
+             for n, b in enumerate(_list(seg.get("boxes", []), f"{where}.boxes", problems))]
+    points = [_parse_point(p, f"{where}.points[{n}]", problems)
+              for n, p in enumerate(_list(seg.get("points", []), f"{where}.points", problems))]
+    adapter = seg.get("adapter")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
+        problems.add(f"{where}.adapter", f"expected a path string or null, got {_type_name(adapter)} {adapter!r}")
+    propagate = _boolean(seg.get("propagate", True), f"{where}.propagate", problems)
+    if seg.get("roi") is None and not seg.get("boxes") and not seg.get("points"):
+        label = f" {name!r}" if name else ""
+        problems.add(where, f"segment{label} has no prompt: give a roi, boxes or points")
+    return {"name": name, "roi": roi, "roi_axis": roi_axis, "boxes": boxes, "points": points,
+            "adapter": adapter, "propagate": propagate}
+
+
+def parse_prompts(text_or_dict: Union[str, bytes, dict], source: str = "<string>") -> dict:
+    """Validate a prompts file given as JSON text or an already parsed dict.
+
+    Returns a normalised copy: ``{"space", "segments": [{"name", "roi" (or None), "roi_axis",
+    "boxes": [{"corners", "axis"}], "points": [{"position", "positive", "axis"}], "adapter"
+    (or None), "propagate"}]}`` with every default filled in and every coordinate a float, still
+    in the file's ``space``. Raises :class:`InputError` naming ``source`` and each bad key path.
+    """
+    if isinstance(text_or_dict, str) and text_or_dict.strip().lower().endswith(".json") \
+            and not text_or_dict.lstrip().startswith("{"):
+        raise InputError(f"{text_or_dict.strip()}: prompts file not found")  # a path, not JSON text
+    data = _loads(text_or_dict, source) if isinstance(text_or_dict, (str, bytes)) else text_or_dict
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: the prompts must be a JSON object {{\"space\": ..., \"segments\": [...]}}, "
+                         f"got {_type_name(data)}")
+    top = data
+    problems = _Problems(source)
+    _check_keys(top, _TOP_KEYS, "", problems)
+    space = top.get("space")
+    if "space" not in top:
+        problems.add("space", f"missing (one of {', '.join(SPACES)})")
+    elif space not in SPACES:
+        hint = " (LPS is not accepted: negate x and y to get RAS)" if space == "LPS" else ""
+        problems.add("space", f"unknown space {space!r}: expected one of {', '.join(SPACES)}{hint}")
+    if "segments" not in top:
+        problems.add("segments", "missing (a list of segments)")
+    raw_segments = _list(top.get("segments", []), "segments", problems)
+    if "segments" in top and isinstance(top.get("segments"), list) and not raw_segments:
+        problems.add("segments", "is empty: give at least one segment")
+    segments = [_parse_segment(s, f"segments[{n}]", problems) for n, s in enumerate(raw_segments)]
+    _check_unique_names(segments, problems)
+    problems.raise_if_any()
+    return {"space": space, "segments": copy.deepcopy(segments)}
+
+
+def _check_unique_names(segments: Sequence[Optional[dict]], problems: _Problems) -> None:
+    first: Dict[str, int] = {}
+    for n, seg in enumerate(segments):
+        name = seg and seg.get("name")
+        if not name:
+            continue
+        if name in first:
+            problems.add(f"segments[{n}].name", f"duplicate name {name!r} (also segments[{first[name]}])")
+        else:
+            first[name] = n
+
+
+def load_prompts(path: Union[str, os.PathLike]) -> dict:
+    """Read and validate a prompts JSON file (see :func:`parse_prompts`).
+
+    Relative ``adapter`` paths are made relative to the prompts file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prompts file not found" if not path.exists()
+                         else f"{path}: is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the prompts file ({exc.strerror})") from exc
+    raw = parse_prompts(data, source=str(path))
+    for seg in raw["segments"]:
+        adapter = seg["adapter"]
+        if adapter is not None and not Path(adapter).expanduser().is_absolute():
+            seg["adapter"] = str(path.parent / adapter)
+    return raw
+
+
+# --------------------------------------------------------------------------- resolution
+
+class _Volume:
+    """The volume a prompt set is resolved against, for conversions and messages."""
+
+    def __init__(self, ijk_to_ras, shape_kji: Sequence[int], space: str):
+        try:
+            self.matrix = geometry.check_matrix(ijk_to_ras)
+        except ValueError as exc:
+            raise InputError(f"invalid ijk_to_ras: {exc}") from exc
+        shape = tuple(shape_kji)
+        if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
+            raise InputError(f"shape_kji must be 3 positive integers (k, j, i), got {shape_kji!r}")
+        self.shape_kji = tuple(int(s) for s in shape)
+        self.size_ijk = np.array(self.shape_kji[::-1])
+        self.space = space
+
+    def to_ijk(self, points) -> np.ndarray:
+        p = np.asarray(points, dtype=np.float64)
+        return geometry.ras_to_ijk(p, self.matrix) if self.space == "RAS" else p
+
+    def extent_text(self) -> str:
+        ni, nj, nk = self.size_ijk
+        text = f"the volume spans i 0..{ni - 1}, j 0..{nj - 1}, k 0..{nk - 1}"
+        if self.space == "RAS":
+            corners = np.array([[i, j, k] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)])
+            ras = geometry.ijk_to_ras(corners, self.matrix)
+            lo, hi = ras.min(axis=0), ras.max(axis=0)
+            text += " (RAS " + ", ".join(f"{a} {lo[n]:.1f}..{hi[n]:.1f}" for n, a in enumerate("RAS")) + ")"
+        return text
+
+    def describe(self, point_ijk, given) -> str:
+        ijk = ", ".join(f"{v:.1f}" for v in point_ijk)
+        if self.space == "RAS":
+            return f"RAS ({', '.join(f'{v:g}' for v in given)}) = voxel ({ijk})"
+        return f"voxel ({ijk})"
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _resolve_roi(seg: dict, where: str, vol: _Volume, problems: _Problems) -> Optional[RoiIJK]:
+    c_ijk = vol.to_ijk(seg["roi"])
+    lo, hi = c_ijk.min(axis=0), c_ijk.max(axis=0)
+    slice_component = 2 - geometry.array_axis(seg["roi_axis"])  # kji array axis -> ijk component
+    for n in range(3):
+        if n != slice_component and hi[n] - lo[n] < _EPS:
+            problems.add(f"{where}.roi", f"zero extent along {_IJK[n]} ({lo[n]:g}..{hi[n]:g}) "
+                         f"across the {seg['roi_axis']} slices")
+            return None
+    upper = vol.size_ijk - 0.5
+    if np.any(hi < -0.5) or np.any(lo > upper):
+        problems.add(f"{where}.roi", f"segment {seg['name']!r}: the roi ({_fmt(lo)}..{_fmt(hi)} in voxels) "
+                     f"is entirely outside the volume; {vol.extent_text()}")
+        return None
+    first = np.floor(lo + 0.5).astype(int)
+    last = np.ceil(hi - 0.5).astype(int)
+    flip = first > last  # a roi inside one voxel
+    first[flip] = last[flip] = np.round((lo[flip] + hi[flip]) / 2).astype(int)
+    first_c = np.clip(first, 0, vol.size_ijk - 1)
+    last_c = np.clip(last, 0, vol.size_ijk - 1)
+    if np.any(first_c != first) or np.any(last_c != last):
+        log.warning("%s: segment %r: the roi (voxels %s..%s) is partly outside the volume, clipped to %s..%s; %s",
+                    where, seg["name"], _fmt(first), _fmt(last), _fmt(first_c), _fmt(last_c), vol.extent_text())
+    return tuple(int(v) for v in first_c), tuple(int(v) for v in last_c)
+
+
+def _resolve_box(box: dict, name: str, where: str, vol: _Volume, problems: _Problems) -> Optional[Box2D]:
+    axis = box["axis"]
+    c0, c1 = vol.to_ijk(box["corners"])
+    comp = 2 - geometry.array_axis(axis)
+    letter = _IJK[comp]
+    if abs(c0[comp] - c1[comp]) >= SLICE_TOLERANCE:
+        problems.add(f"{where}.corners", f"the corners are not on one {axis} slice ({letter} = {c0[comp]:.2f} "
+                     f"and {c1[comp]:.2f}; they may differ by less than {SLICE_TOLERANCE} voxel)")
+        return None
+    index, (x0, y0, x1, y1) = geometry.box_ijk_to_slice(c0, c1, axis)
+    if x1 - x0 < _EPS or y1 - y0 < _EPS:
+        problems.add(f"{where}.corners", f"the box has zero {'width' if x1 - x0 < _EPS else 'height'} on its "
+                     f"{axis} slice (x {x0:g}..{x1:g}, y {y0:g}..{y1:g} in voxels)")
+        return None
+    n_slices = geometry.num_slices(vol.shape_kji, axis)
+    height, width = geometry.slice_shape(vol.shape_kji, axis)
+    outside = (not 0 <= index < n_slices or x1 < -0.5 or x0 > width - 0.5 or y1 < -0.5 or y0 > height - 0.5)
+    if outside:
+        problems.add(where, f"segment {name!r}: the box on {axis} slice {letter}={index} (x {x0:.1f}..{x1:.1f}, "
+                     f"y {y0:.1f}..{y1:.1f}) is outside the volume; {vol.extent_text()}")
+        return None
+    clipped = (min(max(x0, 0.0), width - 1.0), min(max(y0, 0.0), height - 1.0),
+               min(max(x1, 0.0), width - 1.0), min(max(y1, 0.0), height - 1.0))
+    if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
+        log.warning("%s: segment %r: the box (x %.1f..%.1f, y %.1f..%.1f) extends outside %s slice %d, "
+                    "clipped to x %.1f..%.1f, y %.1f..%.1f", where, name, x0, x1, y0, y1, axis, index,
+                    clipped[0], clipped[2], clipped[1], clipped[3])
+    return Box2D(axis, index, clipped)
+
+
+def _resolve_point(point: dict, name: str, where: str, vol: _Volume, problems: _Problems) -> Optional[Point]:
+    axis = point["axis"]
+    p_ijk = vol.to_ijk(point["position"])
+    if np.any(p_ijk < -0.5) or np.any(p_ijk >= vol.size_ijk - 0.5):
+        problems.add(f"{where}.position", f"segment {name!r}: the point {vol.describe(p_ijk, point['position'])} "
+                     f"is outside the volume; {vol.extent_text()}")
+        return None
+    index, (x, y) = geometry.ijk_to_slice(p_ijk, axis)
+    height, width = geometry.slice_shape(vol.shape_kji, axis)
+    xy = (min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0))
+    return Point(axis, index, xy, bool(point["positive"]))
+
+
+def _resolve_segment(seg: dict, where: str, vol: _Volume, problems: _Problems) -> SegmentPrompts:
+    name = seg["name"]
+    roi = _resolve_roi(seg, where, vol, problems) if seg["roi"] is not None else None
+    boxes = [_resolve_box(b, name, f"{where}.boxes[{n}]", vol, problems) for n, b in enumerate(seg["boxes"])]
+    points = [_resolve_point(p, name, f"{where}.points[{n}]", vol, problems) for n, p in enumerate(seg["points"])]
+    return SegmentPrompts(name=name, roi_ijk=roi, boxes=[b for b in boxes if b is not None],
+                          points=[p for p in points if p is not None], propagate=seg["propagate"],
+                          adapter=seg["adapter"], roi_axis=seg["roi_axis"])
+
+
+def resolve(prompt_set_raw: Union[dict, str], ijk_to_ras, shape_kji: Sequence[int],
+            source: str = "<prompts>") -> PromptSet:
+    """Resolve validated prompts (from :func:`parse_prompts`) onto a volume's voxel grid.
+
+    ``ijk_to_ras`` and ``shape_kji`` describe the volume. RAS coordinates are converted with
+    :func:`geometry.ras_to_ijk`; boxes and points are placed on their slice with
+    :func:`geometry.box_ijk_to_slice` / :func:`geometry.ijk_to_slice`. Raises :class:`InputError`
+    listing every prompt that cannot be placed (naming the segment, the prompt and the volume
+    extent); a roi or box partly outside the volume is clipped with a logged warning.
+    """
+    raw = parse_prompts(prompt_set_raw, source)
+    vol = _Volume(ijk_to_ras, shape_kji, raw["space"])
+    problems = _Problems(source)
+    segments = [_resolve_segment(seg, f"segments[{n}]", vol, problems) for n, seg in enumerate(raw["segments"])]
+    problems.raise_if_any()
+    return PromptSet(segments)
+
+
+# --------------------------------------------------------------------------- writing back
+
+def _round(values) -> List[float]:
+    return [round(float(v), 6) + 0.0 for v in values]  # + 0.0 turns -0.0 into 0.0
+
+
+def _segment_to_dict(seg: SegmentPrompts, convert: Callable[[np.ndarray], np.ndarray]) -> dict:
+    out: Dict[str, Any] = {"name": seg.name}
+    if seg.roi_ijk is not None:
+        out["roi"] = [_round(c) for c in convert(np.asarray(seg.roi_ijk, dtype=np.float64))]
+        out["roi_axis"] = seg.roi_axis
+    if seg.boxes:
+        out["boxes"] = []
+        for box in seg.boxes:
+            x0, y0, x1, y1 = box.box_xy
+            corners = np.array([geometry.slice_to_ijk(box.index, (x0, y0), box.axis),
+                                geometry.slice_to_ijk(box.index, (x1, y1), box.axis)])
+            out["boxes"].append({"corners": [_round(c) for c in convert(corners)], "axis": box.axis})
+    if seg.points:
+        out["points"] = [{"position": _round(convert(geometry.slice_to_ijk(p.index, p.xy_slice, p.axis))),
+                          "positive": bool(p.positive), "axis": p.axis} for p in seg.points]
+    if seg.adapter is not None:
+        out["adapter"] = seg.adapter
+    out["propagate"] = bool(seg.propagate)
+    return out
+
+
+def to_dict(prompt_set: PromptSet, ijk_to_ras=None) -> dict:
+    """A resolved :class:`PromptSet` as a prompts-file dict: in RAS if ``ijk_to_ras`` is given, else IJK."""
+    if ijk_to_ras is None:
+        space, convert = "IJK", (lambda p: p)
+    else:
+        try:
+            matrix = geometry.check_matrix(ijk_to_ras)
+        except ValueError as exc:
+            raise InputError(f"invalid ijk_to_ras: {exc}") from exc
+        space, convert = "RAS", (lambda p: geometry.ijk_to_ras(p, matrix))
+    return {"space": space, "segments": [_segment_to_dict(s, convert) for s in prompt_set.segments]}
+
+
+def dumps_prompts(prompts: Union[PromptSet, dict], ijk_to_ras=None) -> str:
+    """JSON text of a :class:`PromptSet` (IJK, or RAS with ``ijk_to_ras``) or of a raw prompts dict."""
+    if isinstance(prompts, PromptSet):
+        data = to_dict(prompts, ijk_to_ras)
+    else:
+        if ijk_to_ras is not None:
+            raise InputError("ijk_to_ras is only used with a resolved PromptSet; a raw prompts dict "
+                             "is written in its own space")
+        data = parse_prompts(prompts, "<prompts>")
+        for seg in data["segments"]:  # leave defaults implicit, as a person would write the file
+            if seg["roi"] is None:
+                del seg["roi"], seg["roi_axis"]
+            if seg["adapter"] is None:
+                del seg["adapter"]
+    return _compact_json(data)
+
+
+def _is_coordinates(value: Any) -> bool:
+    """A list of numbers or a list of lists of numbers (kept on one line)."""
+    def numbers(v):
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    return numbers(value) or (isinstance(value, list) and bool(value) and all(numbers(v) for v in value))
+
+
+def _format_json(value: Any, indent: int) -> str:
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_format_json(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and value and not _is_coordinates(value):
+        items = [inner + _format_json(v, indent + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(value)
+
+
+def _compact_json(data: dict) -> str:
+    """Indented JSON with coordinates on one line: ``"corners": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]``."""
+    return _format_json(data, 0) + "\n"
+
+
+def dump_prompts(prompts: Union[PromptSet, dict], path: Union[str, os.PathLike], ijk_to_ras=None,
+                 overwrite: bool = False) -> None:
+    """Write prompts as a JSON file atomically (see :func:`dumps_prompts`)."""
+    from .io import write_text_atomic  # lazy: keeps SimpleITK out of prompt-only imports
+
+    write_text_atomic(path, dumps_prompts(prompts, ijk_to_ras), overwrite=overwrite)
