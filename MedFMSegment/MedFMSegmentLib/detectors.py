@@ -532,7 +532,10 @@ def resample_labelmap_nearest(labelmap_kji: np.ndarray, labelmap_ijk_to_ras, sha
     return out
 
 
-def _label_bounding_boxes(labelmap_kji: np.ndarray) -> Dict[int, Tuple[Tuple[int, int, int], Tuple[int, int, int], int]]:
+_RegionBox = Tuple[Tuple[int, int, int], Tuple[int, int, int], int]
+
+
+def _label_bounding_boxes(labelmap_kji: np.ndarray) -> Dict[int, _RegionBox]:
     """{value: ((k0, j0, i0), (k1, j1, i1), voxel count)} of every non-zero value, in one pass."""
     import SimpleITK as sitk
 
