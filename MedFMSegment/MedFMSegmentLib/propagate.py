@@ -23,6 +23,7 @@ import numpy as np
 
 from . import geometry
 from .errors import Cancelled, InputError
+from .session import keep_components_touching
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ ShouldStop = Optional[Callable[[], bool]]
 
 @dataclass
 class PropagationConfig:
-    margin_mm: float = 2.0  # grow the previous mask's box by this much for the next slice
+    margin_mm: float = 1.0  # grow the previous mask's box by this much for the next slice
     min_score: float = 0.35  # predicted IoU below this ends the object
     min_area_mm2: float = 4.0  # smaller masks end the object
     min_area_ratio: float = 0.2  # area / previous area below this ends the object
     max_area_ratio: float = 3.0  # a sudden jump is a leak: the object ends
+    min_overlap: float = 0.3  # IoU with the previous slice's mask below this: the object ends
+    intensity_tol: float = 1.0  # mean intensity further than this many seed SDs from the seed's: ends
 
 
 @dataclass
@@ -74,6 +77,8 @@ def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, 
     sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
     mx, my = cfg.margin_mm / sx, cfg.margin_mm / sy
     min_area = cfg.min_area_mm2 / (sx * sy)
+    seed_values = session.normalised_slice(axis, start)[start_mask > 0].astype(np.float32)
+    seed_mean, seed_sd = float(seed_values.mean()), max(float(seed_values.std()), 4.0)
     prev = start_mask
     index = start + step
     while index != stop:
@@ -91,8 +96,7 @@ def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, 
         result.encoded += session.cache.misses - before
         mask = r.mask
         if mask.any():  # keep what continues the object from the previous slice
-            from .session import _keep_components_touching
-            mask = _keep_components_touching(mask, _dilate(prev > 0, 2))
+            mask = keep_components_touching(mask, _dilate(prev > 0, 2))
         area, prev_area = int(mask.sum()), int(prev.sum())
         progress_tick(index)
         if area < min_area:
@@ -103,6 +107,12 @@ def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, 
             return f"object ended at slice {index} (area fell from {prev_area} to {area} px)"
         if area > cfg.max_area_ratio * prev_area:
             return f"stopped at slice {index}: area jumped from {prev_area} to {area} px (leak)"
+        overlap = (mask & (prev > 0)).sum() / max(((mask > 0) | (prev > 0)).sum(), 1)
+        if overlap < cfg.min_overlap:
+            return f"object ended at slice {index} (overlap with the previous slice {overlap:.2f})"
+        mean = float(session.normalised_slice(axis, index)[mask > 0].mean())
+        if abs(mean - seed_mean) > cfg.intensity_tol * seed_sd:
+            return f"object ended at slice {index} (intensity {mean:.0f} vs {seed_mean:.0f} +- {seed_sd:.0f} at the seed)"
         geometry.set_slice(result.mask, axis, index, mask)
         result.scores[index] = r.score
         prev = mask

@@ -93,7 +93,7 @@ class EmbeddingCache:
 @dataclass
 class SessionConfig:
     zoom: bool = True  # crop around the prompt instead of the whole slice
-    context: float = 0.5  # crop margin on each side, as a fraction of the box's larger side
+    context: float = 2.0  # crop margin on each side, as a fraction of the box's larger side
     min_crop_mm: float = 24.0
     mask_threshold: float = 0.0  # logit threshold
     keep_component_in_box: bool = True  # drop mask islands outside the box
@@ -132,7 +132,8 @@ def _components(mask: np.ndarray):
     return sitk.GetArrayFromImage(sitk.ConnectedComponent(img, False))
 
 
-def _keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+def keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The connected components of a 2D mask that touch ``region`` (all of it if none does)."""
     if not mask.any():
         return mask
     lab = _components(mask)
@@ -180,6 +181,11 @@ class PromptSession:
     def shape(self) -> Tuple[int, int, int]:
         self._require_volume()
         return tuple(self._volume_u8.shape)
+
+    def normalised_slice(self, axis: str, index: int) -> np.ndarray:
+        """The uint8 slice the model sees (after the intensity preset), on the volume grid."""
+        self._require_volume()
+        return geometry.get_slice(self._volume_u8, axis, index)
 
     def _require_volume(self):
         if self._volume_u8 is None:
@@ -296,7 +302,7 @@ class PromptSession:
             x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
             inside = np.zeros(mask.shape, bool)
             inside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
-            mask = _keep_components_touching(mask, inside)
+            mask = keep_components_touching(mask, inside)
         for (x, y), positive in points:
             if not positive:  # a negative click is never inside the result
                 mask = self._remove_at(mask, x, y)
@@ -424,7 +430,7 @@ class PromptSession:
             xi, yi = int(round(x)), int(round(y))
             if not mask[yi, xi]:
                 continue
-            mask = _keep_components_touching(mask, _point_region(mask.shape, xi, yi))
+            mask = keep_components_touching(mask, _point_region(mask.shape, xi, yi))
             tight = geometry.box_from_mask(mask)
             bx0, by0, bx1, by1 = (int(round(v)) for v in box)
             border = np.zeros(mask.shape, bool)
