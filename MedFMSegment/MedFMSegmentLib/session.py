@@ -110,6 +110,7 @@ class SliceState:
     points: List[Tuple[Tuple[float, float], bool]] = field(default_factory=list)  # (xy_slice, positive)
     mask: Optional[np.ndarray] = None  # uint8 (H, W) in slice pixels
     score: float = 0.0
+    crop: Optional[Crop] = None  # the model window used; kept while later prompts fit in it
 
 
 @dataclass
@@ -203,6 +204,15 @@ class PromptSession:
             return full_slice_crop(shape, self._pixel_spacing(axis), size)
         return box_crop(box_xy, shape, self._pixel_spacing(axis), size, self.config.context,
                         self.config.min_crop_mm)
+
+    def _crop_fits(self, axis: str, crop: Crop, box_xy: BoxXY) -> bool:
+        """Can a later prompt on a slice reuse its window (decoder only)? Yes while the box stays
+        inside it and is not much smaller than the box the window was made for."""
+        x0, y0, x1, y1 = crop.box_to_model(box_xy)
+        size = crop.size
+        side = max(x1 - x0, y1 - y0)
+        ideal = size / (1.0 + 2.0 * self.config.context) if self.config.zoom else 0.0
+        return min(x0, y0) >= 0 and max(x1, y1) <= size - 1 and side >= 0.5 * ideal
 
     def _key(self, axis: str, index: int, crop: Crop) -> tuple:
         enc = getattr(self.adapter, "encoder_id", None)
@@ -365,7 +375,9 @@ class PromptSession:
         if state.box_xy is None:  # only negative clicks so far: nothing to segment
             mask, score = np.zeros(geometry.slice_shape(self._volume_u8.shape, axis), np.uint8), 0.0
         else:
-            _, score, mask = self.predict(axis, index, state.box_xy, state.points)
+            if state.crop is None or not self._crop_fits(axis, state.crop, state.box_xy):
+                state.crop = self.crop_for(axis, state.box_xy)
+            _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop)
         state.mask, state.score = mask, score
         self._history.append((key, self._states.get(key)))
         self._states[key] = state
