@@ -179,6 +179,15 @@ def asset_path(spec: ModelSpec) -> Path:
     return path
 
 
+def _unpickling_detail(exc: Exception) -> str:
+    """The useful line of torch's weights_only error (what was refused), without its generic advice."""
+    text = str(exc)
+    tail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    detail = lines[0] if lines else (text.splitlines()[0] if text else type(exc).__name__)
+    return detail.split(" Please use", 1)[0]
+
+
 def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
     """Load a checkpoint safely (``weights_only=True``) and return its tensor state dict.
 
@@ -195,8 +204,11 @@ def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"checkpoint {path} holds pickled objects that are not plain tensors; refused for "
-                         f"safety (weights_only=True): {str(exc).splitlines()[0]}") from exc
+        detail = _unpickling_detail(exc)
+        if "Unsupported global" in str(exc):
+            raise ModelError(f"checkpoint {path} holds pickled objects that are not plain tensors; refused for "
+                             f"safety (weights_only=True): {detail}") from exc
+        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt: {detail}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ModelError(f"checkpoint {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc
     if isinstance(obj, dict):
@@ -247,8 +259,9 @@ class PromptableModel:
                mask_logits: Optional[torch.Tensor] = None, multimask: bool = False):
         """Run prompt encoder + mask decoder on a cached embedding.
 
-        Returns (low-resolution logits (C, S/4, S/4) tensor, predicted IoU (C,) numpy) with C = 3 if
-        ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``).
+        Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
+        for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
+        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``).
         """
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         boxes = points = None
@@ -264,6 +277,12 @@ class PromptableModel:
                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                          multimask_output=multimask)
         return logits[0], iou[0].float().cpu().numpy()
+
+
+def _first_mismatch(message: str) -> str:
+    """The first 'size mismatch for KEY ...' line of torch's load_state_dict error."""
+    lines = [line.strip() for line in message.splitlines() if "mismatch" in line]
+    return lines[0] if lines else message.splitlines()[0]
 
 
 def _verify_checksum(path: Path, expected: Optional[str], allow_unverified: bool, model_id: str) -> str:
@@ -298,13 +317,21 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         path = asset_path(spec)
     else:
         path = Path(os.fspath(checkpoint)).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise ModelError(f"checkpoint not found: {path}")
+        if not path.is_file():
+            raise ModelError(f"checkpoint is not a file: {path}")
+        if path.stat().st_size == 0:
+            raise ModelError(f"checkpoint is empty (0 bytes): {path}")
     sha = _verify_checksum(path, expected_sha256 or spec.sha256, allow_unverified, model_id)
     choice = choose_device(device)
     state = load_state_dict_file(path, map_location="cpu")
     net = spec.builder()
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same keys, other shapes: another model size or family
+        raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
+                         f"{_first_mismatch(str(exc))}") from exc
     if missing or unexpected:
         raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
