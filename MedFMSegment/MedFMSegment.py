@@ -611,7 +611,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def detectAndSegment(self, volumeNode, detectorSpec, segmentationNode, axis="axial", labels=None,
                          scoreThreshold=0.5, margin=2, progress=None, wait=True):
-        """Detector boxes -> per-slice box prompts -> one segment per label (``detectors.chain`` + ``api.segment``).
+        """Detector boxes -> box prompts -> one segment per label (``chain.detect_and_segment``).
 
         ``detectorSpec`` is a CLI detector spec (``labelmap:PATH``, ``boxes:PATH``, ``monai:PATH``).
         Returns {label: SegmentUndoState} (empty if nothing was detected).
@@ -619,20 +619,16 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         array_kji, ijk_to_ras = mrml.volume_to_array(volumeNode)
 
         def work(job):
-            from MedFMSegmentLib import api, detectors
-            from MedFMSegmentLib.prompts import Box2D, PromptSet, SegmentPrompts
-            session = self._newSession()
+            from MedFMSegmentLib import chain, detectors
+            masks, report = chain.detect_and_segment(
+                self._newSession(), detectors.detector_from_spec(detectorSpec), array_kji, ijk_to_ras, axis=axis,
+                labels=labels, score_threshold=scoreThreshold, margin_vox=margin, preset=self.preset,
+                progress=job.progress, should_stop=job.shouldStop)
+            log.info("detect + segment: %s", report)
+            return masks
 
-            def segmentLabel(label, boxes):
-                seg = SegmentPrompts(label, boxes=[Box2D(axis, i, tuple(b)) for i, b in boxes], propagate=False)
-                return api.segment(array_kji, ijk_to_ras, PromptSet([seg]), session=session, preset=self.preset)[label]
-
-            return detectors.chain(detectors.detector_from_spec(detectorSpec), array_kji, ijk_to_ras, segmentLabel,
-                                   axis=axis, labels=labels, score_threshold=scoreThreshold, margin_vox=margin,
-                                   progress=job.progress, should_stop=job.shouldStop)
-
-        def apply(result):
-            states = self._writeMasks(volumeNode, segmentationNode, result.masks, ijk_to_ras)
+        def apply(masks):
+            states = self._writeMasks(volumeNode, segmentationNode, masks, ijk_to_ras)
             if states:
                 self._pushUndo("detect + segment", segmentationNode, list(states.values()))
             return states
