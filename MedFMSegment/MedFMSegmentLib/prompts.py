@@ -69,6 +69,7 @@ import difflib
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,10 +219,10 @@ def _object(value: Any, where: str, problems: _Problems) -> Optional[dict]:
 
 
 def _number(value: Any, where: str, problems: _Problems) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):  # numpy numbers too
         problems.add(where, f"expected a number, got {_type_name(value)} {value!r}")
         return None
-    if not math.isfinite(value):
+    if not math.isfinite(float(value)):
         problems.add(where, f"must be a finite number, got {value!r}")
         return None
     return float(value)
