@@ -46,3 +46,39 @@ def litemedsam():
     from MedFMSegmentLib import models
 
     return models.load_model("litemedsam", device="cpu")
+
+
+def _read(shared_data: Path, relative: str):
+    from MedFMSegmentLib import io
+
+    path = shared_data / relative
+    if not path.is_file():
+        pytest.skip(f"shared data file not found: {path}")
+    return io.read_volume(path)
+
+
+@pytest.fixture(scope="session")
+def colin27(shared_data):
+    """Colin27 T1 MRI (181x217x181, 1 mm): (array_kji, ijk_to_ras), read with the engine's reader."""
+    return _read(shared_data, "colin27/ch2.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def colin27_aal(shared_data, colin27):
+    """The AAL atlas labels on the Colin27 grid (array_kji of label values)."""
+    labels, ijk_to_ras = _read(shared_data, "colin27/aal.nii.gz")
+    if labels.shape != colin27[0].shape or not (abs(ijk_to_ras - colin27[1]) < 1e-4).all():
+        pytest.fail("aal.nii.gz is not on the ch2.nii.gz grid")
+    return labels
+
+
+@pytest.fixture(scope="session")
+def cranium_ct(shared_data):
+    """The head CT (256x256x108 int16 HU, 0.957x0.957x1.5 mm): (array_kji, ijk_to_ras)."""
+    return _read(shared_data, "cranium_ct/cranium_ct.nrrd")
+
+
+@pytest.fixture(scope="session")
+def cranium_head(shared_data):
+    """The CT's head mask (HU > -142) as uint8 [k, j, i]."""
+    return (_read(shared_data, "cranium_ct/cranium_head_thr-142.nrrd")[0] > 0).astype("uint8")
