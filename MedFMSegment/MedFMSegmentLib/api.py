@@ -38,11 +38,13 @@ class SegmentationReport:
     model: str = ""
 
 
-def _as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
+def as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
+    """A ``PromptSet`` from a ``PromptSet``, a prompts file path, JSON text or a dict, resolved on a volume."""
     if isinstance(prompt_source, prompts_mod.PromptSet):
         return prompt_source
-    if isinstance(prompt_source, (str, os.PathLike)) and os.path.exists(prompt_source):
-        raw = prompts_mod.load_prompts(prompt_source)
+    is_json_text = isinstance(prompt_source, str) and prompt_source.lstrip().startswith("{")
+    if isinstance(prompt_source, os.PathLike) or (isinstance(prompt_source, str) and not is_json_text):
+        raw = prompts_mod.load_prompts(prompt_source)  # a missing file is named as such
         return prompts_mod.resolve(raw, ijk_to_ras, shape, source=str(prompt_source))
     if isinstance(prompt_source, (str, bytes, dict)):
         return prompts_mod.resolve(prompt_source, ijk_to_ras, shape)
@@ -91,7 +93,7 @@ def segment(array_kji, ijk_to_ras, prompt_source, session: Optional[PromptSessio
     if session is None:
         session = PromptSession(model=model, device=device)
     session.set_volume(array_kji, ijk_to_ras, preset=preset)
-    prompt_set = _as_prompt_set(prompt_source, session.ijk_to_ras, session.shape)
+    prompt_set = as_prompt_set(prompt_source, session.ijk_to_ras, session.shape)
     if not prompt_set.segments:
         raise InputError("the prompts name no segment")
     out: Dict[str, np.ndarray] = {}

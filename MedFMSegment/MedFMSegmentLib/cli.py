@@ -61,33 +61,63 @@ def _check_outputs(paths: List[Optional[str]], overwrite: bool) -> None:
 
 
 def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Optional[str],
-                 overlay: Optional[str], session=None, progress=None) -> dict:
-    """Segment one volume from one prompts file and write the outputs atomically; returns a report."""
+                 overlay: Optional[str], session=None, progress=None, get_session=None) -> dict:
+    """Segment one volume from one prompts file and write the outputs atomically; returns a report.
+
+    The outputs, the volume and the prompts are checked before a model is loaded; ``get_session``
+    (a callable) supplies a session lazily, e.g. one shared by a batch.
+    """
     from . import api, io
 
     _check_outputs([output, labelmap, overlay], args.overwrite)
     array_kji, ijk_to_ras = io.read_volume(volume)
+    # prompts are checked on the volume before the model is loaded
+    prompt_set = api.as_prompt_set(Path(prompts_path), ijk_to_ras, array_kji.shape)
     report = api.SegmentationReport()
-    loader = _adapter_loader() if (args.adapter or _prompts_name_adapter(prompts_path)) else None
-    masks = api.segment(array_kji, ijk_to_ras, prompts_path, session=session or _session(args),
+    wants_adapter = args.adapter or any(seg.adapter for seg in prompt_set.segments)
+    loader = _adapter_loader() if wants_adapter else None
+    session = session or (get_session() if get_session is not None else _session(args))
+    masks = api.segment(array_kji, ijk_to_ras, prompt_set, session=session,
                         preset=args.preset, adapter=args.adapter, adapter_loader=loader, report=report,
                         progress=progress)
-    io.write_segmentation(output, masks, ijk_to_ras, overwrite=args.overwrite)
-    if labelmap:
-        io.write_labelmap(labelmap, masks, ijk_to_ras, overwrite=args.overwrite)
-    if overlay:
-        from .overlay import write_overlay
-
-        write_overlay(overlay, array_kji, ijk_to_ras, masks, overwrite=args.overwrite)
+    created = []  # outputs this call created: removed again if a later one fails (all or nothing)
+    try:
+        for path, write in ((output, lambda: io.write_segmentation(output, masks, ijk_to_ras,
+                                                                    overwrite=args.overwrite)),
+                            (labelmap, lambda: io.write_labelmap(labelmap, masks, ijk_to_ras,
+                                                                 overwrite=args.overwrite)),
+                            (overlay, lambda: _write_overlay(overlay, array_kji, ijk_to_ras, masks,
+                                                             args.overwrite))):
+            if path:
+                existed = os.path.exists(path)
+                write()
+                if not existed:
+                    created.append(path)
+    except BaseException:
+        for path in created:
+            try:
+                os.remove(path)
+            except OSError:
+                log.warning("could not remove the partial output %s", path)
+        raise
     return {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
             "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
             "seconds": round(report.seconds, 2), "segments": report.segments}
 
 
-def _prompts_name_adapter(prompts_path) -> bool:
+def _write_overlay(path, array_kji, ijk_to_ras, masks, overwrite: bool) -> None:
+    from .overlay import write_overlay
+
+    write_overlay(path, array_kji, ijk_to_ras, masks, overwrite=overwrite)
+
+
+def _case_done(output: Path, report_path: Path) -> bool:
+    """A case is done when its output exists and its report says so (a failed case is retried)."""
+    if not (output.exists() and report_path.exists()):
+        return False
     try:
-        return '"adapter"' in Path(prompts_path).read_text(encoding="utf-8")
-    except OSError:
+        return json.loads(report_path.read_text(encoding="utf-8")).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -120,23 +150,29 @@ def cmd_batch(args) -> int:
     cases = sorted(p for p in cohort.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
     if not cases:
         raise InputError(f"no volumes ({', '.join(VOLUME_SUFFIXES)}) in {cohort}")
-    session = None
+    sessions = []  # one session for the cohort, made when a case first needs it
+
+    def get_session():
+        if not sessions:
+            sessions.append(_session(args))
+        return sessions[0]
+
     summary = {"done": [], "skipped": [], "failed": []}
     for volume in tqdm(cases, desc="batch", unit="case", disable=args.quiet, file=sys.stderr):
         case = _stem(volume)
         output = out_dir / f"{case}.seg.nrrd"
         report_path = out_dir / f"{case}.report.json"
         prompts_path = prompts_dir / f"{case}.json"
-        if output.exists() and report_path.exists() and not args.overwrite:
+        if not args.overwrite and _case_done(output, report_path):
             summary["skipped"].append(case)
             continue
         t0 = time.perf_counter()
         try:
             if not prompts_path.is_file():
                 raise InputError(f"no prompts file {prompts_path} for case {case}")
-            session = session or _session(args)
             labelmap = str(out_dir / f"{case}.labels.nii.gz") if args.labelmaps else None
-            rep = segment_case(args, str(volume), str(prompts_path), str(output), labelmap, None, session=session)
+            rep = segment_case(args, str(volume), str(prompts_path), str(output), labelmap, None,
+                               get_session=get_session)
             rep["status"] = "done"
             summary["done"].append(case)
         except Exception as exc:  # one bad case must not stop the cohort
@@ -239,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(exc: OSError) -> str:
+    """An OSError as one line naming the file(s) involved."""
+    text = exc.strerror or str(exc)
+    files = [str(f) for f in (exc.filename, getattr(exc, "filename2", None)) if f]
+    if files and not any(f in text for f in files):
+        text = f"{text}: {' -> '.join(files)}"
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -247,6 +292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except MedFMError as exc:
         print(f"medfm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions, a folder that vanished: outputs are left as they were
+        print(f"medfm: error: {_os_error_text(exc)}; no partial output was left", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medfm: interrupted; outputs not written are left as they were", file=sys.stderr)
