@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,7 +33,10 @@ ShouldStop = Optional[Callable[[], bool]]
 
 @dataclass
 class PropagationConfig:
-    margin_mm: float = 1.0  # grow the previous mask's box by this much for the next slice
+    # Measured on the demo sample (Thalamus_L / Putamen_L 3D Dice): 1 mm 0.52 / -, 2 mm 0.66 / 0.61,
+    # 1 mm + 10 % of the side 0.74 / 0.39 (leaks into neighbours).
+    margin_mm: float = 2.0  # grow the previous mask's box by this much for the next slice ...
+    margin_frac: float = 0.0  # ... plus this fraction of the box's side
     min_score: float = 0.35  # predicted IoU below this ends the object
     min_area_mm2: float = 4.0  # smaller masks end the object
     min_area_ratio: float = 0.2  # area / previous area below this ends the object
@@ -88,7 +91,9 @@ def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, 
             return "reached the edge of the volume"
         _check_callbacks(should_stop)
         box = geometry.box_from_mask(prev)
-        box = _grow_box(box, shape_yx, mx, my, clamp_box) if box is not None else None
+        if box is not None:
+            fx, fy = cfg.margin_frac * (box[2] - box[0] + 1), cfg.margin_frac * (box[3] - box[1] + 1)
+            box = _grow_box(box, shape_yx, mx + fx, my + fy, clamp_box)
         if box is None:
             return f"left the ROI at slice {index}"
         before = session.cache.misses
@@ -233,10 +238,12 @@ def segment_roi(session, roi_ijk, axis: str = "axial", config: Optional[Propagat
     last = geometry.ijk_to_slice(hi_ijk, axis)[0]
     _, box = geometry.box_ijk_to_slice(lo_ijk, hi_ijk, axis)
     middle = (first + last) // 2
+    # the ROI already says where the object ends: only a vanishing or jumping mask stops it early
+    cfg = replace(config or PropagationConfig(), intensity_tol=float("inf"), min_score=0.0)
     saved = (dict(session._states), list(session._history))
     try:
         session.add_box(axis, middle, box)
         return propagate(session, axis=axis, seeds=[middle], limits=(first, last), clamp_box=box,
-                         config=config, progress=progress, should_stop=should_stop)
+                         config=cfg, progress=progress, should_stop=should_stop)
     finally:
         session._states, session._history = saved
