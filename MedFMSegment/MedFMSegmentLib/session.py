@@ -263,10 +263,12 @@ class PromptSession:
             self._futures.pop(key, None)
 
     def cancel_prefetch(self) -> None:
-        with self._futures_lock:
-            for fut in self._futures.values():
-                fut.cancel()
+        """Cancel queued encodes (one already running finishes and is cached)."""
+        with self._futures_lock:  # Future.cancel runs done-callbacks, which take this lock: cancel outside it
+            futures = list(self._futures.values())
             self._futures.clear()
+        for fut in futures:
+            fut.cancel()
 
     def close(self) -> None:
         self.cancel_prefetch()

@@ -446,9 +446,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="session.cancel_prefetch deadlocks: Future.cancel() runs the _forget "
-                   "done-callback synchronously, which takes the non-reentrant _futures_lock that "
-                   "cancel_prefetch holds (fix: pop the futures under the lock, cancel them outside it)")
 def test_prefetch_can_be_cancelled():
     """Queued encodes are cancelled; the one running finishes and is cached (run in a subprocess: a
     deadlock must not hang the test run)."""
