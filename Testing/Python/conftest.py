@@ -2,9 +2,12 @@
 
 - Puts ``<repo>/MedFMSegment`` and ``<repo>/MedFMTrain`` on ``sys.path`` so the engine and the trainer
   import without installing the package.
-- Limits torch to 2 threads (the CI and developer machines have 2 cores shared with other work).
-- Fixtures: ``shared_data`` (the read-only real data folder, skipped when absent) and ``litemedsam``
-  (the embedded LiteMedSAM on the CPU, loaded once per test run and shared by every test).
+- Limits torch to 2 threads (the CI and developer machines have 2 cores shared with other work), 1
+  when the machine is already busy (see ``_test_threads``).
+- Fixtures: ``shared_data`` (the read-only real data folder, skipped when absent), ``litemedsam``
+  (the embedded LiteMedSAM on the CPU, loaded once per test run and shared by every test), the real
+  volumes (``colin27``, ``colin27_aal``, ``cranium_ct``, ``cranium_head``) and ``colin27_session``
+  (one prompt session on Colin27 whose cached embeddings every test module reuses).
 """
 from __future__ import annotations
 
@@ -22,7 +25,21 @@ for _sub in ("MedFMTrain", "MedFMSegment"):  # MedFMSegment ends up first
 
 import torch  # noqa: E402  (after sys.path so a local checkout wins over an installed copy)
 
-torch.set_num_threads(2)
+
+def _test_threads() -> int:
+    """2 torch threads, or 1 when the machine is already busy ($MEDFM_TEST_THREADS overrides).
+
+    Measured on the 2-core machine at load average ~5.5: test_session.py took 43 s with 1 thread and
+    82 s with 2 (OpenMP threads waiting for a descheduled peer: a decoder call went from 0.2 s to 2 s).
+    """
+    if os.environ.get("MEDFM_TEST_THREADS"):
+        return max(int(os.environ["MEDFM_TEST_THREADS"]), 1)
+    cores = os.cpu_count() or 2
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cores - 0.5
+    return 1 if busy else min(2, cores)
+
+
+torch.set_num_threads(_test_threads())
 
 
 def shared_data_path() -> Path:
@@ -82,3 +99,28 @@ def cranium_ct(shared_data):
 def cranium_head(shared_data):
     """The CT's head mask (HU > -142) as uint8 [k, j, i]."""
     return (_read(shared_data, "cranium_ct/cranium_head_thr-142.nrrd")[0] > 0).astype("uint8")
+
+
+@pytest.fixture(scope="session")
+def colin27_session(litemedsam, colin27):
+    """A PromptSession on Colin27, shared by the test modules so their cached embeddings are reused.
+
+    Its model is a copy of ``litemedsam`` (same network) that counts image encodings in
+    ``session.model.calls``. Tests reset its prompts before use; they must not change its config.
+    """
+    import dataclasses
+
+    from MedFMSegmentLib.session import PromptSession
+
+    model = dataclasses.replace(litemedsam)
+    model.calls = 0
+
+    def encode(image01):
+        model.calls += 1
+        return litemedsam.encode(image01)
+
+    model.encode = encode
+    session = PromptSession(model)
+    session.set_volume(*colin27)
+    yield session
+    session.close()

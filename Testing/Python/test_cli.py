@@ -193,9 +193,15 @@ def test_2d_or_4d_image_is_refused(tmp_path, capsys, no_model, dims):
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
-def test_write_failing_midway_leaves_no_partial_output(tmp_path, capsys, monkeypatch, fast_session, fail_at):
+def test_write_failing_midway_leaves_no_partial_output(tmp_path, capsys, monkeypatch, fast_session, sample_run,
+                                                        fail_at):
     """os.replace fails (disk full) on the first output, or on the second after the first was written:
-    either way the command exits 2 and leaves no output and no temporary file."""
+    either way the command exits 2 and leaves no output and no temporary file. (The segmentation is the
+    sample run's, to spare a model run: this is about writing.)"""
+    from MedFMSegmentLib import api
+
+    masks, _ = io.read_segmentation(sample_run["out"])
+    monkeypatch.setattr(api, "segment", lambda *a, **k: masks)
     real_replace = os.replace
     count = []
 

@@ -54,11 +54,9 @@ def thalamus(colin27_aal):
 
 
 @pytest.fixture(scope="module")
-def session(litemedsam, colin27):
-    s = PromptSession(litemedsam)
-    s.set_volume(*colin27)
-    yield s
-    s.close()
+def session(colin27_session):
+    """The Colin27 session shared with test_session.py (same seed box: its embedding is reused)."""
+    return colin27_session
 
 
 @pytest.fixture(scope="module")

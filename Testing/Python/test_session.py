@@ -1,7 +1,7 @@
 """Tests of MedFMSegmentLib.session on real data (Colin27 MRI + AAL atlas, the head CT).
 
 The image encoder is the expensive step (about a second per slice on 2 free CPU cores, far more on a
-loaded machine), so the Colin27 session is shared by the module and the tests reuse its cached
+loaded machine), so the Colin27 session is shared (conftest) and the tests reuse its cached
 embeddings; cache, prefetch and undo mechanics that need no real embedding run on a stand-in encoder.
 
 Measured with LiteMedSAM on the middle axial slice of Thalamus_L (k=80), box = atlas box + 4 px:
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedFMSegmentLib import geometry, models
+from MedFMSegmentLib import geometry
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.preprocess import box_crop, full_slice_crop, slice_to_model
 from MedFMSegmentLib.session import EmbeddingCache, PromptSession
@@ -54,20 +54,6 @@ def in_box_fraction(mask, box):
     return float(mask[y0:y1 + 1, x0:x1 + 1].sum() / max(mask.sum(), 1))
 
 
-def counting(model: models.PromptableModel):
-    """A copy of ``model`` (same network) whose ``encode`` calls are counted in ``.calls``."""
-    copy = dataclasses.replace(model)
-    copy.calls = 0
-    real = model.encode
-
-    def encode(image01):
-        copy.calls += 1
-        return real(image01)
-
-    copy.encode = encode
-    return copy
-
-
 def snapshot(session: PromptSession):
     """Everything a failed call must leave unchanged."""
     states = {}
@@ -97,19 +83,12 @@ def thalamus(colin27_aal):
     return mask, k, padded_box(mask[k], PAD)
 
 
-@pytest.fixture(scope="module")
-def colin_session(litemedsam, colin27):
-    s = PromptSession(counting(litemedsam))
-    s.set_volume(*colin27)
-    yield s
-    s.close()
-
-
 @pytest.fixture
-def mri(colin_session):
-    """The shared Colin27 session with no prompts (cached embeddings are kept)."""
-    colin_session.reset()
-    return colin_session
+def mri(colin27_session):
+    """The shared Colin27 session (conftest) with no prompts; its cached embeddings are kept and its
+    model counts encodings in ``.calls``."""
+    colin27_session.reset()
+    return colin27_session
 
 
 @pytest.fixture
