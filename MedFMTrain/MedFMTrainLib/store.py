@@ -1,0 +1,275 @@
+"""Adapter store: one folder per organ adapter, ``adapter.safetensors`` + ``manifest.json``.
+
+    adapters/
+      Caudate_L/
+        adapter.safetensors   decoder.<module>.lora_{A,B}.weight, localizer.<param> (safetensors)
+        manifest.json         organ, base model id + sha256, method + config, training data,
+                              metrics, created time, sha256 of adapter.safetensors
+
+No pickle anywhere: tensors in safetensors, everything else JSON. Writes are atomic: the folder is
+written under a temporary name next to the target (``.<name>.tmp-<pid>-<random>``), fsynced, then
+renamed into place; a previous adapter is moved aside only at that last step and deleted after, so
+an interrupted or failed save leaves it intact. Loading verifies the file's sha256 (a truncated or
+altered file is refused) and the base model's sha256.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from MedFMSegmentLib.errors import InputError
+from MedFMSegmentLib.models import file_sha256
+
+from .adapters import LoraSettings, OrganAdapter
+from .localizer import LocalizerState
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "medfm-adapter"
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+
+
+def safe_name(organ: str) -> str:
+    """A folder name for an organ: letters, digits, ``._-``; anything else becomes ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", organ.strip()).strip("._")
+    if not name:
+        raise InputError(f"organ name {organ!r} gives an empty folder name")
+    return name
+
+
+def is_adapter_dir(path: PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST_FILE).is_file() or (p / ADAPTER_FILE).is_file())
+
+
+def check_output_dir(path: PathLike, overwrite: bool) -> Path:
+    """Raise InputError unless ``path`` can receive an adapter (parent exists; no clobbering)."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise InputError(f"{p}: the parent folder {p.parent} does not exist")
+    if p.exists():
+        if not p.is_dir():
+            raise InputError(f"{p}: exists and is not a folder")
+        if not is_adapter_dir(p) and any(p.iterdir()):
+            raise InputError(f"{p}: exists and is not an adapter folder (no {MANIFEST_FILE}); refusing to replace it")
+        if is_adapter_dir(p) and not overwrite:
+            raise InputError(f"{p}: an adapter already exists there; pass overwrite=True (--overwrite) to replace it")
+    return p
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tensors(adapter: OrganAdapter) -> Dict[str, torch.Tensor]:
+    out = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in adapter.tensors.items()}
+    if adapter.localizer is not None:
+        out.update({f"localizer.{k}": v.detach().cpu().contiguous() for k, v in adapter.localizer.tensors.items()})
+    return out
+
+
+def _write_files(adapter: OrganAdapter, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = folder / ADAPTER_FILE
+    save_file(_tensors(adapter), str(weights), metadata={"format": FORMAT, "organ": adapter.organ,
+                                                        "base_sha256": adapter.base_sha256})
+    _fsync(weights)
+    manifest = dict(adapter.manifest)
+    manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "organ": adapter.organ,
+                     "files": {ADAPTER_FILE: {"sha256": file_sha256(weights), "bytes": weights.stat().st_size}}})
+    if adapter.localizer is not None:
+        manifest["localizer"] = dict(adapter.localizer.config(), metrics=adapter.localizer.metrics)
+    text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False, default=_json_default)
+    (folder / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
+    _fsync(folder / MANIFEST_FILE)
+    _fsync(folder)
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the manifest")
+
+
+def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False) -> Path:
+    """Write ``adapter`` to folder ``path`` atomically; returns the folder. See the module docstring."""
+    target = check_output_dir(path, overwrite)
+    parent, token = target.parent, f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = parent / f".{target.name}.tmp-{token}"
+    old = parent / f".{target.name}.old-{token}"
+    tmp.mkdir()
+    moved_aside = False
+    try:
+        _write_files(adapter, tmp)
+        if target.exists():
+            os.rename(target, old)
+            moved_aside = True
+        os.rename(tmp, target)
+        _fsync(parent)
+    except BaseException:
+        if moved_aside and not target.exists():
+            os.rename(old, target)
+            moved_aside = False
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if moved_aside and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    adapter.path = target
+    log.info("saved adapter %s to %s", adapter.organ, target)
+    return target
+
+
+def read_manifest(path: PathLike) -> Dict:
+    """The manifest of adapter folder ``path`` (validated); InputError naming the file when it is bad."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: adapter folder not found")
+    file = folder / MANIFEST_FILE
+    if not file.is_file():
+        raise InputError(f"{file}: missing; {folder} is not an adapter folder")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{file}: corrupt manifest (not valid JSON: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{file}: not a MedFM adapter manifest (format is "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(f"{file}: adapter format version {version!r} is not supported (this MedFM reads up to "
+                         f"{FORMAT_VERSION})")
+    for key in ("organ", "base_model", "lora", "files"):
+        if key not in manifest:
+            raise InputError(f"{file}: corrupt manifest, key {key!r} is missing")
+    base = manifest["base_model"]
+    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str) or not isinstance(base.get("id"), str):
+        raise InputError(f"{file}: corrupt manifest, base_model must hold id and sha256")
+    return manifest
+
+
+def _read_tensors(folder: Path, manifest: Dict) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = folder / ADAPTER_FILE
+    if not file.is_file():
+        raise InputError(f"{file}: missing (the adapter folder is incomplete)")
+    files = manifest["files"] if isinstance(manifest["files"], dict) else {}
+    expected = (files.get(ADAPTER_FILE) or {}).get("sha256")
+    actual = file_sha256(file)
+    if expected != actual:
+        raise InputError(f"{file}: corrupt or truncated adapter weights: sha256 {actual}, the manifest records "
+                         f"{expected}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{file}: corrupt adapter weights: {exc}") from None
+
+
+def load_adapter(path: PathLike, model=None) -> OrganAdapter:
+    """Load an adapter folder. With ``model``, checks it is the base model (sha256) and attaches it.
+
+    Raises InputError naming the file for a missing / corrupt manifest or weights, and naming both
+    sha256s when the adapter was trained on another base model.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    base = manifest["base_model"]
+    if model is not None and model.checkpoint_sha256 != base["sha256"]:
+        raise InputError(f"adapter {manifest['organ']!r} ({folder}) was trained on base model {base['id']!r} with "
+                         f"sha256 {base['sha256']}, but the loaded model {model.spec.id!r} has sha256 "
+                         f"{model.checkpoint_sha256}; retrain the adapter for this model")
+    tensors = _read_tensors(folder, manifest)
+    decoder = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    loc = {k[len("localizer."):]: v for k, v in tensors.items() if k.startswith("localizer.")}
+    if not decoder:
+        raise InputError(f"{folder / ADAPTER_FILE}: holds no decoder weights")
+    settings = LoraSettings.from_dict(manifest["lora"])
+    localizer = None
+    if loc:
+        cfg = manifest.get("localizer") or {}
+        try:
+            localizer = LocalizerState(loc, int(cfg["in_channels"]), int(cfg["hidden"]), str(cfg["axis"]),
+                                       str(cfg["preset"]), float(cfg.get("threshold", 0.5)),
+                                       dict(cfg.get("metrics") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{folder / MANIFEST_FILE}: corrupt localizer settings ({exc})") from None
+    adapter = OrganAdapter(str(manifest["organ"]), base["id"], base["sha256"], settings, decoder, localizer,
+                           manifest, folder)
+    if model is not None:
+        adapter.attach(model)  # validates every tensor against the model's decoder now
+    return adapter
+
+
+def load_detector(path: PathLike, model, **kwargs):
+    """The localizer of an adapter folder as a ``Detector`` (see ``localizer.OrganLocalizer``)."""
+    return load_adapter(path, model).detector(model, **kwargs)
+
+
+def list_adapters(root: PathLike) -> List[Dict]:
+    """Adapters under ``root``: ``[{"path", "organ", "base_model", "created", "metrics", "error"}]``.
+
+    A folder whose manifest cannot be read is listed with ``error`` set (not skipped silently).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise InputError(f"{base}: adapter folder not found")
+    out = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not is_adapter_dir(folder):
+            continue
+        try:
+            m = read_manifest(folder)
+            out.append({"path": str(folder), "organ": m["organ"], "base_model": m["base_model"],
+                        "created": m.get("created"), "metrics": m.get("metrics"), "error": None})
+        except InputError as exc:
+            out.append({"path": str(folder), "organ": None, "base_model": None, "created": None, "metrics": None,
+                        "error": str(exc)})
+    return out
+
+
+def find_adapter(root: PathLike, organ: str) -> Optional[Path]:
+    """The adapter folder for ``organ`` under ``root`` (by folder name, then by manifest organ), or None."""
+    base = Path(root)
+    direct = base / safe_name(organ)
+    if is_adapter_dir(direct):
+        return direct
+    for entry in list_adapters(base):
+        if entry["organ"] == organ:
+            return Path(entry["path"])
+    return None
+
+
+def delete_adapter(path: PathLike) -> None:
+    """Delete an adapter folder (refuses folders that are not adapters). The folder vanishes at once."""
+    folder = Path(path)
+    if not is_adapter_dir(folder):
+        raise InputError(f"{folder}: not an adapter folder (no {MANIFEST_FILE} or {ADAPTER_FILE}); not deleted")
+    trash = folder.parent / f".{folder.name}.del-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    log.info("deleted adapter %s", folder)
