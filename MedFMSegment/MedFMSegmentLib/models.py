@@ -188,12 +188,8 @@ def _unpickling_detail(exc: Exception) -> str:
     return detail.split(" Please use", 1)[0]
 
 
-def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
-    """Load a checkpoint safely (``weights_only=True``) and return its tensor state dict.
-
-    Errors name the file and the problem: missing, empty, truncated or corrupt, or carrying pickled
-    objects that are not plain tensors (refused: such a file can run code when unpickled).
-    """
+def _check_checkpoint_file(path) -> Path:
+    """The checkpoint path, if it names a non-empty file; else a ModelError naming the problem."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"checkpoint not found: {path}")
@@ -201,6 +197,16 @@ def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
         raise ModelError(f"checkpoint is not a file: {path}")
     if path.stat().st_size == 0:
         raise ModelError(f"checkpoint is empty (0 bytes): {path}")
+    return path
+
+
+def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
+    """Load a checkpoint safely (``weights_only=True``) and return its tensor state dict.
+
+    Errors name the file and the problem: missing, empty, truncated or corrupt, or carrying pickled
+    objects that are not plain tensors (refused: such a file can run code when unpickled).
+    """
+    path = _check_checkpoint_file(path)
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -316,13 +322,7 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
             raise ModelError(f"model {model_id!r} needs a checkpoint path (its weights are not embedded)")
         path = asset_path(spec)
     else:
-        path = Path(os.fspath(checkpoint)).expanduser()
-        if not path.exists():
-            raise ModelError(f"checkpoint not found: {path}")
-        if not path.is_file():
-            raise ModelError(f"checkpoint is not a file: {path}")
-        if path.stat().st_size == 0:
-            raise ModelError(f"checkpoint is empty (0 bytes): {path}")
+        path = _check_checkpoint_file(Path(os.fspath(checkpoint)).expanduser())
     sha = _verify_checksum(path, expected_sha256 or spec.sha256, allow_unverified, model_id)
     choice = choose_device(device)
     state = load_state_dict_file(path, map_location="cpu")

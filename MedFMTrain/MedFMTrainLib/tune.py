@@ -35,6 +35,7 @@ from MedFMSegmentLib.session import SessionConfig
 
 from . import adapters as A
 from .data import TrainingSet
+from .evaluate import box_iou
 from .localizer import LocalizerHead, LocalizerState, heatmap_target, localizer_loss, predict_box
 from .samples import PoolBuilder, PoolConfig, Sample
 from .store import FORMAT, FORMAT_VERSION, check_output_dir, save_adapter
@@ -229,13 +230,6 @@ def train_decoder(model, name: str, samples: List[Sample], config: TuneConfig, r
 
 # --------------------------------------------------------------------------- localizer training
 
-def _box_iou(a, b) -> float:
-    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return float(ix * iy / (area(a) + area(b) - ix * iy))
 
 
 def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneConfig,
@@ -268,7 +262,7 @@ def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneCo
             continue
         ts = training.slices[s.slice_number]
         hit = predict_box(head, s.embedding, s.crop, ts.image_u8.shape, config.localizer_threshold)
-        ious.append(0.0 if hit is None else _box_iou(hit[0], ts.box_xy))
+        ious.append(0.0 if hit is None else box_iou(hit[0], ts.box_xy))
     k = max(1, min(10, len(losses) // 4))
     metrics = {"loss_first": round(float(np.mean(losses[:k])), 4) if losses else None,
                "loss_last": round(float(np.mean(losses[-k:])), 4) if losses else None,
