@@ -14,6 +14,14 @@ class InputError(MedFMError, ValueError):
     """Bad input from the user: an image, prompt, file or option that cannot be used."""
 
 
+class InputIndexError(InputError, IndexError):
+    """A slice or voxel index outside the volume (also an ``IndexError``)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An input of the wrong type, e.g. a float where an index is needed (also a ``TypeError``)."""
+
+
 class ModelError(MedFMError, RuntimeError):
     """A model that cannot be built or loaded (unknown name, missing or corrupt checkpoint)."""
 

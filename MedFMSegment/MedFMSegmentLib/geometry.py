@@ -23,6 +23,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from .errors import InputError, InputIndexError, InputTypeError
+
 AXES: Tuple[str, ...] = ("axial", "coronal", "sagittal")
 
 # axis name -> (array axis in kji order, ijk component of the slice index, ijk component of x, of y)
@@ -34,9 +36,9 @@ _AXIS_TABLE = {
 
 
 def check_axis(axis: str) -> str:
-    """Return ``axis`` if it names a slicing axis, else raise ``ValueError`` naming the choices."""
+    """Return ``axis`` if it names a slicing axis, else raise ``InputError`` naming the choices."""
     if axis not in _AXIS_TABLE:
-        raise ValueError(f"unknown axis {axis!r}: expected one of {', '.join(AXES)}")
+        raise InputError(f"unknown axis {axis!r}: expected one of {', '.join(AXES)}")
     return axis
 
 
@@ -49,13 +51,13 @@ def check_matrix(ijk_to_ras) -> np.ndarray:
     """Validate and return a 4x4 float64 IJK-to-RAS matrix."""
     m = np.asarray(ijk_to_ras, dtype=np.float64)
     if m.shape != (4, 4):
-        raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {m.shape}")
+        raise InputError(f"ijk_to_ras must be a 4x4 matrix, got shape {m.shape}")
     if not np.all(np.isfinite(m)):
-        raise ValueError("ijk_to_ras contains NaN or inf")
+        raise InputError("ijk_to_ras contains NaN or inf")
     if abs(np.linalg.det(m[:3, :3])) < 1e-12:
-        raise ValueError("ijk_to_ras is singular (zero spacing or degenerate direction)")
+        raise InputError("ijk_to_ras is singular (zero spacing or degenerate direction)")
     if not np.allclose(m[3], [0, 0, 0, 1]):
-        raise ValueError("ijk_to_ras last row must be (0, 0, 0, 1)")
+        raise InputError("ijk_to_ras last row must be (0, 0, 0, 1)")
     return m
 
 
@@ -100,9 +102,9 @@ def num_slices(shape_kji: Sequence[int], axis: str) -> int:
 def check_index(shape_kji: Sequence[int], axis: str, index) -> int:
     n = num_slices(shape_kji, axis)
     if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"slice index must be an integer, got {index!r}")
+        raise InputTypeError(f"slice index must be an integer, got {index!r}")
     if not 0 <= int(index) < n:
-        raise IndexError(f"{axis} slice index {index} is out of range: the volume has {n} {axis} slices (0..{n - 1})")
+        raise InputIndexError(f"{axis} slice index {index} is out of range: the volume has {n} {axis} slices (0..{n - 1})")
     return int(index)
 
 

@@ -190,9 +190,11 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
         sl[geometry.array_axis(axis)] = slice(down + 1, up)
         result.mask[tuple(sl)] = 0  # the corrected seed's own range is recomputed; the rest is kept
         seeds = [from_index]
+        result.seeds = [from_index]
     for s in all_fixed:  # user slices are fixed: their masks stand as they are
         geometry.set_slice(result.mask, axis, s, session.slice_state(axis, s).mask)
-    total = max(sum(reach(s)[1] - reach(s)[0] - 2 for s in seeds), 1)
+    total = max(sum((s - reach(s)[0] - 1 if direction in ("both", "down") else 0)
+                    + (reach(s)[1] - s - 1 if direction in ("both", "up") else 0) for s in seeds), 1)
     done = [0]
 
     def tick(index):
@@ -240,10 +242,10 @@ def segment_roi(session, roi_ijk, axis: str = "axial", config: Optional[Propagat
     middle = (first + last) // 2
     # the ROI already says where the object ends: only a vanishing or jumping mask stops it early
     cfg = replace(config or PropagationConfig(), intensity_tol=float("inf"), min_score=0.0)
-    saved = (dict(session._states), list(session._history))
+    saved = session.save_prompts()
     try:
         session.add_box(axis, middle, box)
         return propagate(session, axis=axis, seeds=[middle], limits=(first, last), clamp_box=box,
                          config=cfg, progress=progress, should_stop=should_stop)
     finally:
-        session._states, session._history = saved
+        session.restore_prompts(saved)

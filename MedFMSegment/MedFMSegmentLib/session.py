@@ -18,8 +18,9 @@ Accuracy choices (measured in Testing/benchmarks/bench_2d.py):
 - **Zoom**: the model sees a crop around the prompt, square in millimetres (anisotropic slices are
   resampled to square pixels in the same step), not the whole slice squeezed into 256 px.
 - **Clicks on box-trained models** (LiteMedSAM, MedSAM) become boxes: a first positive click tries
-  boxes of several sizes around it and keeps the one whose mask fits it best; a later positive click
-  outside the mask grows the box to reach it; a negative click moves the nearest box edge past it.
+  boxes of several sizes around it and keeps the one whose mask fits it best. Corrections are local
+  edits of the box's mask: a positive click outside the box grows the box; one outside the mask adds
+  the object the model finds under it; a negative click cuts away the part of the mask nearest to it.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class SliceState:
     mask: Optional[np.ndarray] = None  # uint8 (H, W) in slice pixels
     score: float = 0.0
     crop: Optional[Crop] = None  # the model window used; kept while later prompts fit in it
+    click_regions: Dict[int, np.ndarray] = field(default_factory=dict)  # point number -> local object mask
 
 
 @dataclass
@@ -242,12 +244,14 @@ class PromptSession:
     def prefetch(self, axis: str, indices: Sequence[int], box_xy: Optional[BoxXY] = None) -> List[Future]:
         """Encode slices in the background (one worker thread); returns futures that can be cancelled."""
         self._require_volume()
+        geometry.check_axis(axis)
+        checked = [geometry.check_index(self._volume_u8.shape, axis, index) for index in indices]  # all, first
+        crop = self.crop_for(axis, self._check_box(axis, checked[0], box_xy) if box_xy is not None and checked
+                             else None)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfm-encode")
         futures = []
-        for index in indices:
-            index = geometry.check_index(self._volume_u8.shape, axis, index)
-            crop = self.crop_for(axis, box_xy)
+        for index in checked:
             key = self._key(axis, index, crop)
             with self._futures_lock:
                 if self.cache.get(key) is not None or key in self._futures:
@@ -380,6 +384,8 @@ class PromptSession:
             if state.crop is None or not self._crop_fits(axis, state.crop, state.box_xy):
                 state.crop = self.crop_for(axis, state.box_xy)
             _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop)
+            if state.points and "points" not in self.model.spec.trained_with:
+                mask = self._apply_click_edits(axis, index, state, mask)
         state.mask, state.score = mask, score
         self._history.append((key, self._states.get(key)))
         self._states[key] = state
@@ -399,36 +405,54 @@ class PromptSession:
         if box is None:
             if not positive:
                 return None
-            return self._box_from_click(axis, index, (x, y))
+            box, region = self._fit_box_at_click(axis, index, (x, y))
+            state.click_regions[len(state.points) - 1] = region
+            return box
         x0, y0, x1, y1 = box
         inside_mask = mask is not None and mask[int(round(y)), int(round(x))] > 0
-        if positive and not inside_mask:
+        if positive and not inside_mask and not (x0 <= x <= x1 and y0 <= y <= y1):
+            # a positive click outside the box: the box was too small; grow it to reach the click
             x0, y0, x1, y1 = min(x0, x - mx), min(y0, y - my), max(x1, x + mx), max(y1, y + my)
-        elif not positive:
-            # move the box edge nearest to the click (relative to the box size) just past it
-            cands = [((x - x0) / max(x1 - x0, 1), "x0"), ((x1 - x) / max(x1 - x0, 1), "x1"),
-                     ((y - y0) / max(y1 - y0, 1), "y0"), ((y1 - y) / max(y1 - y0, 1), "y1")]
-            frac, edge = min(cands)
-            if 0 <= frac < 0.5:
-                if edge == "x0":
-                    x0 = x + 1
-                elif edge == "x1":
-                    x1 = x - 1
-                elif edge == "y0":
-                    y0 = y + 1
-                else:
-                    y1 = y - 1
+        # other corrections keep the box and edit the mask (see _apply_click_edits)
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
         if x1 < x0 or y1 < y0:
             return box
         return (x0, y0, x1, y1)
 
-    def _box_from_click(self, axis, index, xy) -> BoxXY:
-        """A first positive click: try square boxes of several sizes centred on it; keep the best fit.
+    def _apply_click_edits(self, axis, index, state: SliceState, mask: np.ndarray) -> np.ndarray:
+        """Corrective clicks on a box-trained model, applied in order to the box's mask.
+
+        - A positive click outside the mask adds the object under the click: the model segments it
+          from the best-fitting box around the click (as for a first click), and that local mask joins.
+        - A negative click inside the mask removes the part of the mask nearer to it than to what the
+          user wants kept (the positive clicks, or else the mask's deepest point): a local cut that
+          never touches the rest of the mask.
+        Both edits are local, so a correction cannot undo the mask far away from it.
+        """
+        mask = mask.copy()
+        for number, ((x, y), positive) in enumerate(state.points):
+            xi, yi = int(round(x)), int(round(y))
+            if positive and not mask[yi, xi]:
+                region = state.click_regions.get(number)
+                if region is None:
+                    region = self._fit_box_at_click(axis, index, (x, y))[1]
+                    state.click_regions[number] = region
+                mask |= region
+                for (nx, ny), pos in state.points[:number]:  # keep earlier negative clicks out
+                    if not pos:
+                        mask = self._remove_at(mask, nx, ny)
+            elif not positive and mask[yi, xi]:
+                keep = [(px, py) for (px, py), pos in state.points if pos and mask[int(round(py)), int(round(px))]]
+                mask = _cut_at(mask, (xi, yi), keep)
+        return mask
+
+    def _fit_box_at_click(self, axis, index, xy) -> Tuple[BoxXY, np.ndarray]:
+        """A positive click: try square boxes of several sizes centred on it; keep the best fit.
 
         A box fits when the mask it gives contains the click and lies inside the box without filling
-        it to the edges; among those, the model's predicted IoU decides. The winner is then tightened
-        to its mask plus a margin.
+        it to the edges; among those, the model's predicted IoU decides. Returns the winner tightened
+        to its mask plus a margin, and the winner's mask (the component under the click; empty if no
+        box fitted).
         """
         x, y = xy
         h, w = geometry.slice_shape(self._volume_u8.shape, axis)
@@ -436,7 +460,7 @@ class PromptSession:
         big = max(sizes)
         hx, hy = self._mm_to_px(axis, big / 2)
         crop = self.crop_for(axis, (x - hx, y - hy, x + hx, y + hy))
-        best, best_score = None, -np.inf
+        best, best_score, best_mask = None, -np.inf, np.zeros((h, w), np.uint8)
         for s in sizes:
             rx, ry = self._mm_to_px(axis, s / 2)
             box = (max(x - rx, 0), max(y - ry, 0), min(x + rx, w - 1), min(y + ry, h - 1))
@@ -454,13 +478,13 @@ class PromptSession:
             fill = mask.sum() / max((bx1 - bx0 + 1) * (by1 - by0 + 1), 1)
             score = iou - 1.5 * touch - 0.5 * max(0.0, fill - 0.8)
             if score > best_score:
-                best, best_score = tight, score
+                best, best_score, best_mask = tight, score, mask
         if best is None:
             rx, ry = self._mm_to_px(axis, sizes[len(sizes) // 2] / 2)
-            return (max(x - rx, 0), max(y - ry, 0), min(x + rx, w - 1), min(y + ry, h - 1))
+            return (max(x - rx, 0), max(y - ry, 0), min(x + rx, w - 1), min(y + ry, h - 1)), best_mask
         mx, my = self._mm_to_px(axis, self.config.click_margin_mm)
         x0, y0, x1, y1 = best
-        return (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1))
+        return (max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, w - 1), min(y1 + my, h - 1)), best_mask
 
     # --------------------------------------------------------- state and undo
     def undo(self) -> Optional[SliceResult]:
@@ -479,6 +503,15 @@ class PromptSession:
         self._states.clear()
         self._history.clear()
 
+    def save_prompts(self) -> tuple:
+        """An opaque copy of every prompt, result and the undo history (for ``restore_prompts``)."""
+        return dict(self._states), list(self._history)
+
+    def restore_prompts(self, saved: tuple) -> None:
+        """Put back what ``save_prompts`` returned (states are replaced, never mutated, so this is exact)."""
+        states, history = saved
+        self._states, self._history = dict(states), list(history)
+
     def prompted_slices(self) -> List[SliceKey]:
         return [k for k, s in self._states.items() if s.mask is not None and (s.box_xy is not None or s.points)]
 
@@ -493,6 +526,37 @@ class PromptSession:
             if st.mask is not None:
                 geometry.get_slice(out, axis, index)[st.mask > 0] = 1
         return out
+
+
+def _cut_at(mask: np.ndarray, xy_negative: Tuple[int, int], keep_xy: Sequence[Tuple[float, float]]) -> np.ndarray:
+    """Remove the part of ``mask`` nearer to the negative click than to the points to keep.
+
+    With no point to keep, the mask's deepest point (farthest from its border, away from the click)
+    is kept. Pixels are assigned by Euclidean distance inside the mask; what stays is the part
+    connected to a kept point.
+    """
+    import SimpleITK as sitk
+
+    xn, yn = xy_negative
+    if not keep_xy:
+        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, useImageSpacing=False))
+        yy, xx = np.indices(mask.shape)
+        near = (xx - xn) ** 2 + (yy - yn) ** 2 <= max(float(dist[yn, xn]), 1.0) ** 2 * 4
+        dist = np.where((mask > 0) & ~near, dist, -np.inf)
+        if not np.isfinite(dist).any():  # the click sits in the middle of a small mask: remove it all
+            return np.zeros_like(mask)
+        ky, kx = np.unravel_index(np.argmax(dist), mask.shape)
+        keep_xy = [(float(kx), float(ky))]
+    ys, xs = np.nonzero(mask)
+    d_neg = (xs - xn) ** 2 + (ys - yn) ** 2
+    d_keep = np.min([(xs - kx) ** 2 + (ys - ky) ** 2 for kx, ky in keep_xy], axis=0)
+    out = mask.copy()
+    out[ys[d_neg < d_keep], xs[d_neg < d_keep]] = 0
+    anchors = np.zeros(mask.shape, bool)
+    for kx, ky in keep_xy:
+        anchors[int(round(ky)), int(round(kx))] = True
+    return keep_components_touching(out, anchors)
 
 
 def _point_region(shape, x, y):

@@ -107,6 +107,16 @@ def test_progress_is_monotonic_and_ends_at_one(base):
     assert all(isinstance(m, str) and m for _, m in calls)
 
 
+def test_progress_of_one_direction_counts_only_that_direction(seeded, thalamus):
+    """direction='up' over a range the object fills: progress reaches 1.0 at the last slice walked."""
+    _, k = thalamus
+    calls = []
+    result = propagate(seeded, axis="axial", direction="up", limits=(k - HALF, k + 2),
+                       progress=lambda fraction, message: calls.append((fraction, message)))
+    assert set(result.scores) == {k + 1, k + 2} and list(result.stopped) == [f"{k} up"]
+    assert [f for f, _ in calls] == [0.5, 1.0, 1.0] and calls[-1][1] == "done"
+
+
 def test_seed_slice_is_the_users_mask_verbatim(base, session, thalamus):
     result, _ = base
     _, k = thalamus
@@ -161,7 +171,7 @@ def test_repropagation_keeps_slices_outside_the_corrected_range(seeded, thalamus
     previous[corrected, 5:9, 5:9] = 1  # inside the corrected range: must be recomputed away
     seeded.add_box("axial", corrected, padded_box(mask[corrected], PAD))
     result = propagate(seeded, axis="axial", previous=previous, from_index=corrected, limits=(k - HALF, last))
-    assert corrected in result.seeds
+    assert result.seeds == [corrected]  # only the corrected seed was re-propagated
     first_recomputed = (k + corrected) // 2 + 1  # slices nearer to the corrected seed than to k
     assert np.array_equal(result.mask[:first_recomputed], previous[:first_recomputed] > 0)
     assert np.array_equal(result.mask[corrected], seeded.slice_state("axial", corrected).mask)

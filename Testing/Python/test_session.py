@@ -156,6 +156,40 @@ def test_negative_click_removes_area(prompted, thalamus):
     assert new_pixels.sum() <= 0.05 * before.sum()  # it shrank, it did not move
 
 
+def test_negative_click_is_a_local_cut(prompted, thalamus):
+    """A negative click on the mask's edge removes only the part near it; the far side stays."""
+    _, k, _ = thalamus
+    before = prompted.slice_state("axial", k).mask.copy()
+    ys, xs = np.nonzero(before)
+    x, y = int(xs.max()) - 1, int(ys[np.argmax(xs)])
+    r = prompted.add_point(axis="axial", index=k, xy_slice=(x, y), positive=False)
+    assert not ((r.mask > 0) & (before == 0)).any()  # a cut: nothing added
+    left = xs < np.median(xs)
+    assert r.mask[ys[left], xs[left]].all()  # the half away from the click is untouched
+    assert r.box_xy == prompted.slice_state("axial", k).box_xy  # the box is kept; the mask is edited
+
+
+def test_positive_click_outside_the_mask_adds_the_object_under_it(mri, thalamus):
+    """Start from a box too small for the thalamus; a click on a missed part far outside it grows the box."""
+    mask3d, k, _ = thalamus
+    gt = mask3d[k]
+    ys, xs = np.nonzero(gt)
+    xm, ym = int(np.median(xs)), int(np.median(ys))
+    small = (xm - 3, ym - 3, xm + 3, ym + 3)
+    before = mri.add_box("axial", k, small).mask.copy()
+    fn = (gt > 0) & (before == 0)
+    fy, fx = np.nonzero(fn)
+    far = np.argmax((fx - xm) ** 2 + (fy - ym) ** 2)  # a missed pixel far from the box
+    far_xy = (int(fx[far]), int(fy[far]))
+    inside_box = small[0] <= far_xy[0] <= small[2] and small[1] <= far_xy[1] <= small[3]
+    assert not inside_box
+    r = mri.add_point(axis="axial", index=k, xy_slice=far_xy, positive=True)
+    assert r.mask[far_xy[1], far_xy[0]] == 1
+    x0, y0, x1, y1 = r.box_xy
+    assert x0 <= far_xy[0] <= x1 and y0 <= far_xy[1] <= y1
+    assert dice(r.mask, gt) > dice(before, gt) + 0.05
+
+
 def test_undo_and_reset(prompted, thalamus):
     _, k, box = thalamus
     first = prompted.slice_state("axial", k)
@@ -303,9 +337,11 @@ def test_bad_points_slices_and_axes_change_nothing(prompted, thalamus):
         (lambda: prompted.prefetch("axial", [k, n_axial]), IndexError, r"out of range"),
     ]
     for call, error, message in cases:
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as info:
             call()
+        assert isinstance(info.value, InputError), f"{type(info.value).__name__}: every input error is an InputError"
         assert_unchanged(prompted, before)
+    assert prompted._futures == {}  # a bad index anywhere in a prefetch list queues nothing
 
 
 def test_no_volume_is_a_clear_error(litemedsam):
