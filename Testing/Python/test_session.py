@@ -164,6 +164,7 @@ def test_negative_click_is_a_local_cut(prompted, thalamus):
     x, y = int(xs.max()) - 1, int(ys[np.argmax(xs)])
     r = prompted.add_point(axis="axial", index=k, xy_slice=(x, y), positive=False)
     assert not ((r.mask > 0) & (before == 0)).any()  # a cut: nothing added
+    assert before.sum() - r.mask.sum() >= 10  # a region went, not just the clicked pixel
     left = xs < np.median(xs)
     assert r.mask[ys[left], xs[left]].all()  # the half away from the click is untouched
     assert r.box_xy == prompted.slice_state("axial", k).box_xy  # the box is kept; the mask is edited
