@@ -92,11 +92,17 @@ def evaluate_slices(session, mask_kji: np.ndarray, axis: str, indices: Sequence[
     return out
 
 
-def evaluate_localizer(localizer, array_kji, ijk_to_ras, mask_kji: np.ndarray, indices: Sequence[int]) -> List[Dict]:
-    """Per slice: IoU of the localizer's box with the tight true box (0 when it finds nothing)."""
+def evaluate_localizer(localizer, array_kji, ijk_to_ras, mask_kji: np.ndarray, indices: Sequence[int],
+                       volume_u8: Optional[np.ndarray] = None) -> List[Dict]:
+    """Per slice: IoU of the localizer's box with the tight true box (0 when it finds nothing).
+
+    ``volume_u8``: the volume already normalised with the localizer's preset (saves the work, and
+    lets a localizer ``cache`` recognise the volume across calls).
+    """
     from MedFMSegmentLib.preprocess import normalise_volume
 
-    volume_u8, _, _ = normalise_volume(array_kji, localizer.state.preset)
+    if volume_u8 is None:
+        volume_u8, _, _ = normalise_volume(array_kji, localizer.state.preset)
     out = []
     for index in indices:
         gt = np.asarray(geometry.get_slice(mask_kji, localizer.axis, index)) > 0

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class LocalizerHead(nn.Module):
     """(B, C, h, w) embedding -> (B, 1, h, w) objectness logits. Dilated convs widen the view."""
 
-    def __init__(self, in_channels: int = 256, hidden: int = 32):
+    def __init__(self, in_channels: int = 256, hidden: int = 16):
         super().__init__()
         self.reduce = nn.Conv2d(in_channels + 2, hidden, 1)
         self.body = nn.Sequential(
@@ -60,12 +60,13 @@ class LocalizerState:
     hidden: int
     axis: str
     preset: str
-    threshold: float = 0.5
+    threshold: float = 0.5  # presence: the heatmap's peak must reach it
     metrics: Dict = field(default_factory=dict)
+    extent_threshold: float = 0.25  # the box covers the region above this (the heatmap's edges are soft)
 
     def config(self) -> Dict:
         return {"in_channels": self.in_channels, "hidden": self.hidden, "axis": self.axis, "preset": self.preset,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "extent_threshold": self.extent_threshold}
 
     def head(self) -> LocalizerHead:
         head = LocalizerHead(self.in_channels, self.hidden)
@@ -90,17 +91,20 @@ def heatmap_target(mask_model: np.ndarray, hw: Tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(m, hw)[0]
 
 
-def box_from_heatmap(prob_model: np.ndarray, threshold: float) -> Optional[Tuple[Tuple[float, ...], float]]:
+def box_from_heatmap(prob_model: np.ndarray, threshold: float,
+                     extent_threshold: Optional[float] = None) -> Optional[Tuple[Tuple[float, ...], float]]:
     """Main region of an (S, S) probability map -> (tight box in model pixels, score), or None.
 
-    Regions above ``threshold`` are kept when their mass is at least a third of the strongest one
-    (an organ cut in two pieces on a slice gives one box around both). Score = the peak probability.
+    The organ is present when the peak probability (the score) reaches ``threshold``; its box covers
+    the regions above ``extent_threshold`` (default: ``threshold``) whose mass is at least a third of
+    the strongest one (an organ cut in two pieces on a slice gives one box around both).
     """
     import SimpleITK as sitk
 
-    above = (prob_model >= threshold).astype(np.uint8)
-    if not above.any():
+    if prob_model.max() < threshold:
         return None
+    extent = threshold if extent_threshold is None else min(extent_threshold, threshold)
+    above = (prob_model >= extent).astype(np.uint8)
     lab = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(above)))
     n = int(lab.max())
     mass = np.bincount(lab.ravel(), weights=prob_model.ravel(), minlength=n + 1)[1:]
@@ -120,14 +124,15 @@ def model_box_to_slice(box_model, crop: Crop, shape_yx) -> Tuple[float, float, f
             float(np.clip(bx1, 0, w - 1)), float(np.clip(by1, 0, h - 1)))
 
 
-def predict_box(head: LocalizerHead, embedding: torch.Tensor, crop: Crop, shape_yx, threshold: float):
+def predict_box(head: LocalizerHead, embedding: torch.Tensor, crop: Crop, shape_yx, threshold: float,
+                extent_threshold: Optional[float] = None):
     """(box_xy on the slice, score) from one whole-slice embedding (C, h, w) or (1, C, h, w); None if absent."""
     emb = embedding if embedding.dim() == 4 else embedding[None]
     with torch.no_grad():
         logits = head(emb.float())
         prob = torch.sigmoid(F.interpolate(logits, size=(crop.size, crop.size), mode="bilinear",
                                            align_corners=False))[0, 0].numpy()
-    found = box_from_heatmap(prob, threshold)
+    found = box_from_heatmap(prob, threshold, extent_threshold)
     if found is None:
         return None
     box_model, score = found
@@ -169,7 +174,7 @@ class OrganLocalizer:
             emb = self.model.encode(slice_to_model(geometry.get_slice(volume_u8, axis, index), crop))
             if self.cache is not None:
                 self.cache[key] = emb
-        return predict_box(self.head, emb, crop, shape, self.threshold)
+        return predict_box(self.head, emb, crop, shape, self.threshold, self.state.extent_threshold)
 
     def detect(self, array_kji: np.ndarray, ijk_to_ras, indices: Optional[Sequence[int]] = None,
                progress: Optional[Callable[[float, str], None]] = None,

@@ -51,9 +51,9 @@ class Sample:
 class PoolConfig:
     """How many encodes the pool may spend (the 5-minute budget is mostly encodes on a CPU)."""
 
-    box_encodes: int = 30  # total box crops (first one per slice un-augmented)
-    click_encodes: int = 5  # total click crops
-    full_encodes: int = 10  # total whole-slice crops (localizer), incl. negatives
+    box_encodes: int = 14  # total box crops (first one per slice un-augmented)
+    click_encodes: int = 3  # total click crops
+    full_encodes: int = 7  # total whole-slice crops (localizer), incl. negatives
     box_margin_px: Tuple[float, float] = (-1.0, 8.0)  # per-side margin of the crop's box around the tight box
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -215,7 +215,7 @@ def load_adapter(path: PathLike, model=None) -> OrganAdapter:
         try:
             localizer = LocalizerState(loc, int(cfg["in_channels"]), int(cfg["hidden"]), str(cfg["axis"]),
                                        str(cfg["preset"]), float(cfg.get("threshold", 0.5)),
-                                       dict(cfg.get("metrics") or {}))
+                                       dict(cfg.get("metrics") or {}), float(cfg.get("extent_threshold", 0.25)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{folder / MANIFEST_FILE}: corrupt localizer settings ({exc})") from None
     adapter = OrganAdapter(str(manifest["organ"]), base["id"], base["sha256"], settings, decoder, localizer,

@@ -52,7 +52,7 @@ _run_ids = itertools.count()
 class TuneConfig:
     """Everything that decides the trained weights (with the data and the base model)."""
 
-    steps: int = 120
+    steps: int = 40
     lr: float = 3e-3
     batch_size: int = 4
     seed: int = 0
@@ -62,10 +62,11 @@ class TuneConfig:
     click_prompt_fraction: float = 0.7  # on click samples: square click boxes vs a box around the organ
     point_prompt_fraction: float = 0.5  # point-trained models (SAM): batches that add a positive point
     localizer: bool = True
-    localizer_steps: int = 300
+    localizer_steps: int = 150
     localizer_lr: float = 3e-3
-    localizer_hidden: int = 32
-    localizer_threshold: float = 0.5
+    localizer_hidden: int = 16
+    localizer_threshold: float = 0.5  # presence (heatmap peak)
+    localizer_extent_threshold: float = 0.25  # box extent (measured on Caudate_L held-out slices)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "localizer_steps"):
@@ -78,6 +79,9 @@ class TuneConfig:
                 raise InputError(f"{name} (learning rate) must be a positive number, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.pool.box_encodes < 1:
+            raise InputError(f"box_encodes must be at least 1 (got {self.pool.box_encodes}): the decoder learns "
+                             "from box crops")
 
     def to_dict(self) -> Dict:
         return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed,
@@ -89,7 +93,8 @@ class TuneConfig:
                 "point_prompt_fraction": self.point_prompt_fraction,
                 "localizer": self.localizer, "localizer_steps": self.localizer_steps,
                 "localizer_lr": self.localizer_lr, "localizer_hidden": self.localizer_hidden,
-                "localizer_threshold": self.localizer_threshold}
+                "localizer_threshold": self.localizer_threshold,
+                "localizer_extent_threshold": self.localizer_extent_threshold}
 
 
 class _Reporter:
@@ -230,8 +235,6 @@ def train_decoder(model, name: str, samples: List[Sample], config: TuneConfig, r
 
 # --------------------------------------------------------------------------- localizer training
 
-
-
 def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneConfig,
                     rep: _Reporter) -> LocalizerState:
     """Train the localizer head on whole-slice samples (positives and negatives)."""
@@ -247,7 +250,7 @@ def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneCo
     losses = []
     for step in range(config.localizer_steps):
         rep.check(f"localizer step {step} of {config.localizer_steps}")
-        picks = torch.as_tensor(rng.integers(0, len(full), size=min(config.batch_size * 2, len(full))))
+        picks = torch.as_tensor(rng.integers(0, len(full), size=min(config.batch_size, len(full))))
         loss = localizer_loss(head(emb_all[picks]), tgt_all[picks])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,7 +264,8 @@ def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneCo
         if s.augmented or not training.slices[s.slice_number].positive:
             continue
         ts = training.slices[s.slice_number]
-        hit = predict_box(head, s.embedding, s.crop, ts.image_u8.shape, config.localizer_threshold)
+        hit = predict_box(head, s.embedding, s.crop, ts.image_u8.shape, config.localizer_threshold,
+                          config.localizer_extent_threshold)
         ious.append(0.0 if hit is None else box_iou(hit[0], ts.box_xy))
     k = max(1, min(10, len(losses) // 4))
     metrics = {"loss_first": round(float(np.mean(losses[:k])), 4) if losses else None,
@@ -269,7 +273,7 @@ def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneCo
                "train_box_iou": round(float(np.mean(ious)), 4) if ious else None}
     tensors = {k2: v.detach().clone().contiguous() for k2, v in head.state_dict().items()}
     return LocalizerState(tensors, in_ch, config.localizer_hidden, training.axis, training.preset,
-                          config.localizer_threshold, metrics)
+                          config.localizer_threshold, metrics, config.localizer_extent_threshold)
 
 
 # --------------------------------------------------------------------------- the entry point

@@ -290,6 +290,8 @@ def test_tune_config_is_checked(model, training, pool):
         tune(model, training, "Caudate_L", TuneConfig(**dict(TINY, lr=float("nan"))), samples=pool)
     with pytest.raises(InputError, match="organ"):
         tune(model, training, " ", TuneConfig(**TINY), samples=pool)
+    with pytest.raises(InputError, match="box_encodes must be at least 1"):
+        tune(model, training, "Caudate_L", TuneConfig(**dict(TINY, pool=PoolConfig(box_encodes=0))), samples=pool)
 
 
 # --------------------------------------------------------------------------- store
@@ -399,6 +401,12 @@ def test_heatmap_box_maps_back_to_the_slice():
     x0, y0, x1, y1 = model_box_to_slice(box, crop, (217, 181))
     assert np.allclose(crop.box_to_model((x0, y0, x1, y1)), box)
     assert box_from_heatmap(np.zeros((8, 8)), 0.5) is None
+    # presence by the peak, extent by a lower level: the soft rim of the heatmap widens the box
+    soft = prob.copy()
+    soft[95:126, 45:76] = np.maximum(soft[95:126, 45:76], 0.3)
+    assert box_from_heatmap(soft, 0.5, 0.25)[0] == (45.0, 95.0, 75.0, 125.0)
+    assert box_from_heatmap(soft, 0.5)[0] == (50.0, 100.0, 70.0, 120.0)
+    assert box_from_heatmap(np.full((8, 8), 0.4, np.float32), 0.5, 0.25) is None  # no peak: absent
 
 
 def test_interpolated_boxes_fill_gaps_of_the_scan():

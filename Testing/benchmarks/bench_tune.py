@@ -33,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment"), str(HERE.paren
 import datasets as D  # noqa: E402
 from MedFMSegmentLib import geometry  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.preprocess import normalise_volume  # noqa: E402
 from MedFMSegmentLib.session import PromptSession  # noqa: E402
 from MedFMTrainLib.data import slices_from_segmentation  # noqa: E402
 from MedFMTrainLib.evaluate import evaluate_localizer, evaluate_slices, padded_box, summarize  # noqa: E402
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     before = {name: base_masks(session, plan[0], plan[2]) for name, plan in plans.items()}
 
     results = {}
+    full_cache = {}  # whole-slice embeddings of held-out slices, shared by every localizer
+    volume_u8, _, _ = normalise_volume(array)
     t_all = time.perf_counter()
     for name, (mask, train, held) in plans.items():
         base_rows = evaluate_slices(session, mask, "axial", held, adapter=None, clicks=not args.no_clicks)
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rows = evaluate_slices(session, mask, "axial", held, adapter=adapter, clicks=not args.no_clicks,
                                    base=False)
-            loc_rows = evaluate_localizer(adapter.detector(model), array, matrix, mask, held)
+            loc_rows = evaluate_localizer(adapter.detector(model, cache=full_cache), array, matrix, mask, held,
+                                          volume_u8=volume_u8)
             for r, b, lr in zip(rows, base_rows, loc_rows):
                 r.update({key: b[key] for key in b if key.endswith("_base")})
                 r["distance"] = int(min(abs(r["index"] - i) for i in idx))
