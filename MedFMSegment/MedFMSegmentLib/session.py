@@ -546,30 +546,33 @@ class PromptSession:
 
 
 def _cut_at(mask: np.ndarray, xy_negative: Tuple[int, int], keep_xy: Sequence[Tuple[float, float]]) -> np.ndarray:
-    """Remove the part of ``mask`` nearer to the negative click than to the points to keep.
+    """Remove the part of ``mask`` around a negative click, never reaching past the points to keep.
 
-    With no point to keep, the mask's deepest point (farthest from its border, away from the click)
-    is kept. Pixels are assigned by Euclidean distance inside the mask; what stays is the part
-    connected to a kept point.
+    Removed: mask pixels nearer to the click than to every kept point, within twice the click's depth
+    in the mask (its distance to the mask's border, at least 3 px), so an edge click trims the edge and
+    a click deep in a wrong region removes that region. With no point to keep, the mask's deepest point
+    away from the click is kept. What stays is the part connected to a kept point.
     """
     import SimpleITK as sitk
 
     xn, yn = xy_negative
+    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, useImageSpacing=False))
+    radius = max(2.0 * float(dist[yn, xn]), 3.0)
     if not keep_xy:
-        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, useImageSpacing=False))
         yy, xx = np.indices(mask.shape)
-        near = (xx - xn) ** 2 + (yy - yn) ** 2 <= max(float(dist[yn, xn]), 1.0) ** 2 * 4
-        dist = np.where((mask > 0) & ~near, dist, -np.inf)
-        if not np.isfinite(dist).any():  # the click sits in the middle of a small mask: remove it all
+        near = (xx - xn) ** 2 + (yy - yn) ** 2 <= radius ** 2
+        depth = np.where((mask > 0) & ~near, dist, -np.inf)
+        if not np.isfinite(depth).any():  # the click covers the whole (small) mask: remove it all
             return np.zeros_like(mask)
-        ky, kx = np.unravel_index(np.argmax(dist), mask.shape)
+        ky, kx = np.unravel_index(np.argmax(depth), mask.shape)
         keep_xy = [(float(kx), float(ky))]
     ys, xs = np.nonzero(mask)
     d_neg = (xs - xn) ** 2 + (ys - yn) ** 2
     d_keep = np.min([(xs - kx) ** 2 + (ys - ky) ** 2 for kx, ky in keep_xy], axis=0)
+    gone = (d_neg < d_keep) & (d_neg <= radius ** 2)
     out = mask.copy()
-    out[ys[d_neg < d_keep], xs[d_neg < d_keep]] = 0
+    out[ys[gone], xs[gone]] = 0
     anchors = np.zeros(mask.shape, bool)
     for kx, ky in keep_xy:
         anchors[int(round(ky)), int(round(kx))] = True
