@@ -369,4 +369,5 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
 
 
 def _cpu_has_native_bf16() -> bool:
-    return "AVX512" in torch.backends.cpu.get_cpu_capability() or "AMX" in torch.backends.cpu.get_cpu_capability()
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in capability or "AMX" in capability

@@ -101,9 +101,10 @@ class SessionConfig:
     click_box_sizes_mm: Tuple[float, ...] = (8.0, 12.0, 18.0, 27.0, 40.0, 60.0, 90.0)
     click_margin_mm: float = 2.0
     # First-click box choice: score = predicted IoU - touch * (mask share on the box border)
-    # - size * log2(box side / smallest side). Tuned on the left-hemisphere structures of
-    # bench_2d (1-click Dice 0.527 -> 0.603), checked on the right ones (0.402 -> 0.507); large
-    # targets (brain, cerebellum, CT) 0.49 -> 0.46.
+    # - size * log2(box side / smallest side). Chosen from the candidate masks of a first click on
+    # bench_2d's slices (Dice of the chosen candidate): tuned on the left-hemisphere structures
+    # (0.527 -> 0.603), checked on the right ones (0.402 -> 0.507); large targets (brain,
+    # cerebellum, CT) 0.49 -> 0.46. Full pipeline, all structures: 1 click 0.467 -> 0.535.
     click_touch_penalty: float = 1.0
     click_size_penalty: float = 0.05
 
@@ -252,8 +253,9 @@ class PromptSession:
         self._require_volume()
         geometry.check_axis(axis)
         checked = [geometry.check_index(self._volume_u8.shape, axis, index) for index in indices]  # all, first
-        crop = self.crop_for(axis, self._check_box(axis, checked[0], box_xy) if box_xy is not None and checked
-                             else None)
+        if not checked:
+            return []
+        crop = self.crop_for(axis, None if box_xy is None else self._check_box(axis, checked[0], box_xy))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfm-encode")
         futures = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -14,6 +15,12 @@ import numpy as np
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[2]
+for _lib in (REPO / "MedFMSegment", REPO / "MedFMTrain"):
+    if str(_lib) not in sys.path:
+        sys.path.insert(0, str(_lib))
+
+# Dice, the inscribed-ellipse baseline and the padded prompt box: the engine's own evaluation helpers
+from MedFMTrainLib.evaluate import dice, ellipse_in_box, padded_box  # noqa: E402,F401
 DATA = Path(os.environ.get("MEDFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # AAL label values (aal.nii.txt); cerebellum = every Cerebelum_*_{L,R} label
@@ -92,30 +99,8 @@ def sample_slices(mask: np.ndarray, axis: str, n: int = 5, min_area: int = 20) -
     return sorted({int(idx[np.argmin(np.abs(idx - p))]) for p in picks})
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
-
-
-def ellipse_in_box(shape, box_xy) -> np.ndarray:
-    """The model-free baseline: an ellipse inscribed in an inclusive box."""
-    x0, y0, x1, y1 = box_xy
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    ry, rx = (y1 - y0 + 1) / 2, (x1 - x0 + 1) / 2
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    return (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
-
-
 def ellipsoid_in_box(shape, lo_kji, hi_kji) -> np.ndarray:
     c = [(a + b) / 2 for a, b in zip(lo_kji, hi_kji)]
     r = [(b - a + 1) / 2 for a, b in zip(lo_kji, hi_kji)]
     kk, jj, ii = np.ogrid[:shape[0], :shape[1], :shape[2]]
     return ((((kk - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((ii - c[2]) / r[2]) ** 2) <= 1).astype(np.uint8)
-
-
-def padded_box(mask2d: np.ndarray, pad: int):
-    ys, xs = np.nonzero(mask2d)
-    h, w = mask2d.shape
-    return (max(int(xs.min()) - pad, 0), max(int(ys.min()) - pad, 0),
-            min(int(xs.max()) + pad, w - 1), min(int(ys.max()) + pad, h - 1))
