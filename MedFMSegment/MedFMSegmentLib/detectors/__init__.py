@@ -6,7 +6,7 @@ A *detector* is anything with ``detect(array_kji, ijk_to_ras) -> list[Detection]
 Box conventions (inclusive ``box_ijk`` voxel indices, inclusive 2D ``box_xy``, RAS boxes covering
 the voxel centres inside them) are in :mod:`.base`.
 
-One module per concern (each imports only ``base`` and the ones above it in this list):
+One module per concern:
   - ``base``: :class:`Detector`, :class:`Detection`, :class:`DetectorKind`, input checks,
     :func:`box_ras_to_ijk`.
   - ``files``: :class:`BoxFileDetector`, boxes from a CSV or JSON file (formats in its docstring).
@@ -20,6 +20,12 @@ One module per concern (each imports only ``base`` and the ones above it in this
     (the same with a prompt session; ``MedFMSegmentLib.chain`` re-exports it).
   - ``specs``: :func:`detector_from_spec`, the ``KIND:PATH[:options]`` registry
     (:data:`DETECTOR_KINDS`, :data:`DETECTOR_SPEC_HELP`).
+
+Layers (``Testing/Python/test_engine_imports.py`` enforces them): ``base`` < ``planning`` < the
+detector modules and ``chaining`` < ``specs`` < ``__init__``; a module imports only lower layers (a
+detector module: ``base`` and ``planning``, never another detector). At module level only the
+standard library, numpy, ``geometry`` and ``errors``; torch, monai, SimpleITK and ``io`` are
+imported inside the functions that use them, so ``import detectors`` stays light.
 
 Adding a detector = one new file plus one line in ``specs.DETECTOR_KINDS``, e.g.::
 
