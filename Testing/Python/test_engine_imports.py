@@ -13,6 +13,7 @@
 - No import cycle between engine modules (lazy imports included).
 - No engine module over ``MAX_LINES`` lines, except the ones listed in ``LONG_MODULES`` with a reason.
 - No ``print(`` outside the command-line modules, no ``assert`` statements.
+- Every engine package (subpackages too) is listed in ``pyproject.toml``, so ``pip install`` ships it.
 - Importing the engine does no work: no checkpoint loaded, no model file opened, no network.
 """
 from __future__ import annotations
@@ -337,6 +338,16 @@ def test_long_module_exceptions_name_real_files():
         assert reason and ceiling > MAX_LINES, path
         if not (REPO / path).exists():
             warnings.warn(f"{path} is gone: remove it from LONG_MODULES")
+
+
+def test_pyproject_packages_every_engine_package():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    packages = {module_name(p) for p in ENGINE_FILES if p.name == "__init__.py"}
+    assert "MedFMSegmentLib.detectors" in packages
+    missing = sorted(packages - set(config["packages"]))
+    assert not missing, f"pyproject.toml [tool.setuptools] packages misses {missing}: pip would not install them"
 
 
 @pytest.mark.parametrize("path", ENGINE_FILES, ids=rel)
