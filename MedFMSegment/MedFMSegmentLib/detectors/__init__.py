@@ -34,10 +34,12 @@ Adding a detector = one new file plus one line in ``specs.DETECTOR_KINDS``, e.g.
     from .base import Detection, DetectorKind
     class ThresholdDetector:
         labels = ("bright",)
-        def __init__(self, level: float): self.level = float(level)
+        def __init__(self, level: str):
+            self.level = float(level)
         def detect(self, array_kji, ijk_to_ras):
             k, j, i = np.nonzero(np.asarray(array_kji) > self.level)
-            return [Detection("bright", box_ijk=((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max())))] if k.size else []
+            box = ((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max())) if k.size else None
+            return [Detection("bright", box_ijk=box)] if box else []
     KIND = DetectorKind("threshold", lambda path, options, spec: ThresholdDetector(path), help="  threshold:LEVEL")
     # detectors/specs.py: DETECTOR_KINDS = (labelmap.KIND, files.KIND, retinanet.KIND, threshold.KIND)
 

@@ -421,8 +421,11 @@ class MonaiRetinaNetDetector:
         return out
 
 
-KIND = DetectorKind("monai", lambda path, options, spec: MonaiRetinaNetDetector(path, device=options.get("device") or "cpu"),
-                    (r"device=[\w:]+",), help="""\
+def _from_spec(path: str, options: Mapping[str, str], spec: str) -> MonaiRetinaNetDetector:
+    return MonaiRetinaNetDetector(path, device=options.get("device") or "cpu")
+
+
+KIND = DetectorKind("monai", _from_spec, (r"device=[\w:]+",), help="""\
   monai:PATH[:device=DEV]
       a MONAI RetinaNet: a bundle folder (configs/detector.json + models/model.pt or model.ts)
       or a TorchScript file with a sidecar PATH.json configuration.""")
