@@ -22,7 +22,9 @@ keeps working:
 - :mod:`mrml_labelmaps`: low-level segment labelmap reads and box writes;
 - :mod:`mrml_segments`: :func:`write_mask_to_segment`, :func:`segment_to_mask`, undo states;
 - :mod:`mrml_editor`: the Segment Editor's masking settings;
-- :mod:`mrml_files`: load and save nodes.
+- :mod:`mrml_files`: load and save nodes;
+- :mod:`mrml_prompts`: the Segment Editor effect's prompts in the scene (segment tags for prompts and
+  adapters, prompt markers and their events, slice writes under the editor's masking).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from .mrml_labelmaps import (_apply_box, _binary_labelmap_name, _box_slices, _ch
                              _segment_names, _source_representation, _write_lattice, ensure_segmentation_converters)
 from .mrml_markups import (_FALSE_WORDS, POSITIVE_ATTRIBUTE, _node_is_positive, markups_to_points_ras,  # noqa: F401
                            roi_corners_world, roi_to_box_ijk, roi_to_corners_ras)
+from .mrml_prompts import (ADAPTER_TAG, PromptMarkers, segment_adapter, segment_tag, set_segment_adapter,  # noqa: F401
+                           set_segment_tag, slice_mask_from_segment, store_prompts, stored_prompts, write_slices)
 from .mrml_segments import (MODES, SegmentUndoState, _check_color, _check_mask, _combine, _prepare_segment,  # noqa: F401
                             _reference_geometry_parameter, _resolve_overwrite, _restore, _SegmentChange,
                             _set_reference_geometry, _take_voxels, restore_segment, segment_to_mask,
