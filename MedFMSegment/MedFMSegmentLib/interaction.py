@@ -283,6 +283,23 @@ class Interaction:
         """The session now holds exactly ``prompts`` of ``segment_id`` (call after a successful plan)."""
         self._applied = (segment_id, tuple(prompts))
 
+    def replay(self, session, segment_id: str, reset: bool, prompts: Sequence[Prompt], dirty: Iterable[SliceKey],
+               shape_kji: Sequence[int]) -> Dict[SliceKey, np.ndarray]:
+        """Run a :meth:`session_plan` on a ``PromptSession``; returns the masks (H, W) of the ``dirty`` slices.
+
+        A dirty slice without prompts any more (its last point was deleted) gets an empty mask. If a prompt
+        fails, the session is marked lost (the next plan replays everything) and the error propagates.
+        """
+        self.session_lost()
+        if reset:
+            session.reset()
+        results = {}
+        for prompt in prompts:
+            results[prompt.slice] = prompt.apply(session)
+        self.mark_applied(segment_id, self.prompts(segment_id))
+        return {(axis, index): results[(axis, index)].mask if (axis, index) in results
+                else np.zeros(geometry.slice_shape(shape_kji, axis), np.uint8) for axis, index in dirty}
+
     def session_lost(self) -> None:
         """The session was reset or failed midway: the next plan replays everything."""
         self._applied = (None, ())

@@ -38,7 +38,7 @@ from vtk.util import numpy_support  # noqa: F401
 
 from . import geometry  # noqa: F401
 from .errors import InputError, MedFMError  # noqa: F401
-from .mrml_editor import _editor_value, _visible_segment_ids, editor_settings  # noqa: F401
+from .mrml_editor import _editor_value, _visible_segment_ids, editor_settings, editor_settings_for_volume  # noqa: F401
 from .mrml_files import _file_name_for, _read_into, _storage_messages, load_segmentation, load_volume, save_node  # noqa: F401
 from .mrml_labelmaps import (_apply_box, _binary_labelmap_name, _box_slices, _check_segmentation_node,  # noqa: F401
                              _extent_is_empty, _find_segment_id, _is_segmentation_empty, _labelmap, _labelmap_array,
@@ -50,11 +50,11 @@ from .mrml_prompts import (ADAPTER_TAG, PromptMarkers, segment_adapter, segment_
                            set_segment_tag, slice_mask_from_segment, store_prompts, stored_prompts, write_slices)
 from .mrml_segments import (MODES, SegmentUndoState, _check_color, _check_mask, _combine, _prepare_segment,  # noqa: F401
                             _reference_geometry_parameter, _resolve_overwrite, _restore, _SegmentChange,
-                            _set_reference_geometry, _take_voxels, restore_segment, segment_to_mask,
-                            write_mask_to_segment)
+                            _set_reference_geometry, _take_voxels, labelmap_from_node, restore_segment,
+                            segment_to_mask, write_mask_to_segment)
 from .mrml_volumes import (_DIRECTION_TOLERANCE, _ORIGIN_TOLERANCE, _check_scalar_volume, _checked_matrix,  # noqa: F401
                            _describe, _lattice_offset, _node_to_world, _to_numpy_matrix, _to_vtk_matrix,
-                           volume_geometry, volume_to_array)
+                           make_ellipsoid_volume, volume_geometry, volume_to_array)
 
 logger = logging.getLogger(__name__)
 

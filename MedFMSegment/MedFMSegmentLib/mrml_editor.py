@@ -88,3 +88,19 @@ def editor_settings(
         in_range = (source_array_kji >= low) & (source_array_kji <= high)
         editable = in_range if editable is None else editable & in_range
     return overwrite, None if editable is None else editable.astype(np.uint8)
+
+
+def editor_settings_for_volume(segment_editor_node, segmentation_node, segment_name: str, volume_node):
+    """:func:`editor_settings` on a volume's grid, reading its voxels only when the intensity range is on.
+
+    ``segment_editor_node`` None means no masking: ``(False, None)``.
+    """
+    if segment_editor_node is None:
+        return False, None
+    from .mrml_volumes import volume_geometry, volume_to_array
+
+    ijk_to_ras, shape = volume_geometry(volume_node)
+    array = None
+    if _editor_value(segment_editor_node, "GetSourceVolumeIntensityMask", "GetMasterVolumeIntensityMask"):
+        array, _ = volume_to_array(volume_node)
+    return editor_settings(segment_editor_node, segmentation_node, segment_name, ijk_to_ras, shape, array)

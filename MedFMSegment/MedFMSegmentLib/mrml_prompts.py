@@ -20,7 +20,7 @@ import vtk
 from . import geometry
 from .errors import InputError
 from .interaction import PROMPTS_TAG, Prompt
-from .mrml_editor import editor_settings
+from .mrml_editor import editor_settings, editor_settings_for_volume
 from .mrml_labelmaps import _check_segmentation_node, _read_segment_box
 from .mrml_segments import SegmentUndoState, write_mask_to_segment
 from .mrml_volumes import _checked_matrix
@@ -109,7 +109,7 @@ def write_slices(segmentation_node, segment_id: str, slice_masks: Dict[Tuple[str
     """Replace a segment on the given slices with ``{(axis, index): mask (H, W)}``; other slices stay as they are.
 
     With a ``segment_editor_node`` its masking settings apply (editable area, overwrite mode, intensity range,
-    see :func:`mrml_editor.editor_settings`; pass ``source_array_kji`` when the intensity range is on).
+    see :func:`mrml_editor.editor_settings`; the intensities are ``source_array_kji``, else the volume's).
     Returns the write's undo state (None when there was nothing to write).
     """
     segment = _segment(segmentation_node, segment_id)
@@ -133,12 +133,16 @@ def write_slices(segmentation_node, segment_id: str, slice_masks: Dict[Tuple[str
                              f"{geometry.slice_shape(shape, axis)}")
         geometry.set_slice(mask, axis, index, values != 0)
         geometry.set_slice(editable, axis, index, 1)
-    overwrite = False
-    if segment_editor_node is not None:
+    if segment_editor_node is None:
+        overwrite, area = False, None
+    elif source_array_kji is not None or volume_node is None:
         overwrite, area = editor_settings(segment_editor_node, segmentation_node, segment.GetName(), ijk_to_ras, shape,
                                           source_array_kji)
-        if area is not None:
-            editable &= area
+    else:
+        overwrite, area = editor_settings_for_volume(segment_editor_node, segmentation_node, segment.GetName(),
+                                                     volume_node)
+    if area is not None:
+        editable &= area
     return write_mask_to_segment(segmentation_node, segment.GetName(), mask, ijk_to_ras, volume_node,
                                  editable_mask=editable, overwrite_others=overwrite)
 

@@ -343,3 +343,40 @@ def restore_segment(segmentation_node, state: SegmentUndoState) -> None:
             f"this undo state belongs to segmentation {state.segmentation_node_id!r}, not {node_id!r}"
         )
     _restore(segmentation_node, state, strict=True)
+
+
+def labelmap_from_node(node, volume_node) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Detections from a node as ``(labels_kji, ijk_to_ras, {value: name})`` for ``detectors.LabelmapDetector``.
+
+    A segmentation node gives one value per segment (1, 2, ... in segment order, later segments on top where
+    they overlap), on ``volume_node``'s grid; a labelmap volume node gives its own voxels and grid, named from
+    its colour table where it has one (else by value).
+    """
+    from .mrml_volumes import _describe, volume_to_array
+
+    if node is not None and node.IsA("vtkMRMLSegmentationNode"):
+        ijk_to_ras, shape = volume_geometry(volume_node)
+        labels = np.zeros(shape, np.uint16)
+        names = {}
+        segmentation = node.GetSegmentation()
+        for value, segment_id in enumerate(segmentation.GetSegmentIDs(), start=1):
+            mask = _read_segment_box(node, segment_id, ijk_to_ras, (0, 0, 0), np.array(shape) - 1)
+            labels[mask > 0] = value
+            names[value] = segmentation.GetSegment(segment_id).GetName()
+        if not names:
+            raise InputError(f"segmentation {node.GetName()!r} has no segments to use as detections")
+        return labels, ijk_to_ras, names
+    if node is not None and node.IsA("vtkMRMLLabelMapVolumeNode"):
+        labels, ijk_to_ras = volume_to_array(node)
+        display = node.GetDisplayNode()
+        colors = display.GetColorNode() if display is not None else None
+        names = {}
+        for value in np.unique(labels):
+            if value == 0:
+                continue
+            name = colors.GetColorName(int(value)) if colors is not None else ""
+            names[int(value)] = name if name and name != "(none)" else str(int(value))
+        if not names:
+            raise InputError(f"labelmap {node.GetName()!r} is empty: no label to use as a detection")
+        return labels, ijk_to_ras, names
+    raise InputError(f"detections must be a segmentation or a labelmap volume node, got {_describe(node)}")

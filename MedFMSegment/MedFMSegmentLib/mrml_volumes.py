@@ -144,3 +144,22 @@ def volume_to_array(volume_node) -> Tuple[np.ndarray, np.ndarray]:
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
     array_kji = numpy_support.vtk_to_numpy(scalars).reshape(shape_kji).copy()
     return array_kji, ijk_to_ras
+
+
+def make_ellipsoid_volume(scene, shape_kji=(24, 48, 56), radii_kji=(7, 14, 18), spacing=(1.0, 1.0, 1.5), seed=0):
+    """A bright ellipsoid in noise as a new scalar volume node of ``scene`` (for self-tests and demos).
+
+    Returns ``(node, truth)`` with ``truth`` the ellipsoid as a uint8 mask ``[k, j, i]``.
+    """
+    k, j, i = np.indices(shape_kji)
+    centre = [(s - 1) / 2 for s in shape_kji]
+    truth = sum(((a - c) / r) ** 2 for a, c, r in zip((k, j, i), centre, radii_kji)) <= 1
+    voxels = np.random.default_rng(seed).normal(100, 20, shape_kji) + 200 * truth
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MedFM ellipsoid")
+    image = vtk.vtkImageData()
+    image.SetDimensions(shape_kji[2], shape_kji[1], shape_kji[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = voxels.astype(np.int16).ravel()
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(*spacing)
+    return node, truth.astype(np.uint8)

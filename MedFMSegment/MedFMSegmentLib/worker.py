@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Callable, Optional
+
+from .errors import Cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +79,49 @@ class Worker:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=cancel)
+
+
+class Job:
+    """Engine work for the worker thread plus the update that applies its result on the main (GUI) thread.
+
+    ``fraction`` and ``message`` are set by the worker; ``cancel()`` asks long work to stop (the engine raises
+    ``Cancelled`` and nothing is applied). Once ``done()``, call ``finish()`` on the main thread: it applies
+    the result and returns it, or raises the engine's error. ``nodes``: the MRML nodes the result goes into;
+    if one of them left the scene meanwhile (scene closed, node deleted), ``finish()`` raises ``Cancelled``.
+    """
+
+    def __init__(self, description, work, apply, progress=None, nodes=()):
+        self.description = description
+        self.fraction, self.message = 0.0, ""
+        self._work, self._apply, self._progress = work, apply, progress
+        self._nodes = [n for n in nodes if n is not None]
+        self._stop = threading.Event()
+        self._future = None
+
+    def progress(self, fraction, message):
+        self.fraction, self.message = float(fraction), str(message)
+        if self._progress is not None:
+            self._progress(fraction, message)
+
+    def shouldStop(self):
+        return self._stop.is_set()
+
+    def cancel(self):
+        self._stop.set()
+        if self._future is not None:
+            self._future.cancel()
+
+    def done(self):
+        return self._future is not None and self._future.done()
+
+    def finish(self):
+        try:
+            result = self._future.result()
+        except CancelledError:
+            raise Cancelled(f"{self.description} was cancelled before it started") from None
+        if self._stop.is_set():
+            raise Cancelled(f"{self.description} was cancelled")
+        gone = [n.GetName() for n in self._nodes if n.GetScene() is None]
+        if gone:
+            raise Cancelled(f"{self.description}: {', '.join(gone)} left the scene, nothing was written")
+        return self._apply(result)
