@@ -241,8 +241,10 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startJob(job, then=lambda result: self._afterSlicePrompt(axis, result.index))
 
     def _afterSlicePrompt(self, axis, index):
+        # Runs from the QTimer slot (_pollJob): one error, one dialog, nothing escapes the slot.
         if self._parameterNode.propagate:
-            self._propagate(axis, index if self.logic.hasPropagated(self._parameterNode.inputVolume) else None)
+            with slicer.util.tryWithErrorDisplay("MedFM: cannot propagate.", waitCursor=True):
+                self._propagate(axis, index if self.logic.hasPropagated(self._parameterNode.inputVolume) else None)
 
     def onPropagate(self, fromThisSlice):
         with slicer.util.tryWithErrorDisplay("MedFM: cannot propagate.", waitCursor=True):
@@ -250,10 +252,10 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._propagate(axis, index if fromThisSlice else None)
 
     def _propagate(self, axis, fromIndex):
+        """Start propagation; raises (the caller shows the one error dialog)."""
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot propagate.", waitCursor=True):
-            self._startJob(self.logic.propagate(p.inputVolume, p.segmentationNode, p.segmentName, axis=axis,
-                                                fromIndex=fromIndex, wait=False))
+        self._startJob(self.logic.propagate(p.inputVolume, p.segmentationNode, p.segmentName, axis=axis,
+                                            fromIndex=fromIndex, wait=False))
 
     def onUndo(self):
         with slicer.util.tryWithErrorDisplay("MedFM: cannot undo.", waitCursor=True):
