@@ -153,6 +153,8 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event):
+        if self._job is not None:
+            self._job.cancel()  # its result is never written: finish() checks that its nodes are still in a scene
         self.setParameterNode(None)
         self.logic.forgetSessions()
 
@@ -327,10 +329,11 @@ class MedFMJob:
     the main thread: it applies the result and returns it, or raises the engine's error.
     """
 
-    def __init__(self, description, work, apply, progress=None):
+    def __init__(self, description, work, apply, progress=None, nodes=()):
         self.description = description
         self.fraction, self.message = 0.0, ""
         self._work, self._apply, self._progress = work, apply, progress
+        self._nodes = [n for n in nodes if n is not None]  # the nodes the result is written into
         self._stop = threading.Event()
         self._future = None
 
@@ -355,6 +358,11 @@ class MedFMJob:
             result = self._future.result()
         except CancelledError:
             raise Cancelled(f"{self.description} was cancelled before it started") from None
+        if self._stop.is_set():
+            raise Cancelled(f"{self.description} was cancelled")
+        gone = [n.GetName() for n in self._nodes if n.GetScene() is None]
+        if gone:
+            raise Cancelled(f"{self.description}: {', '.join(gone)} left the scene, nothing was written")
         return self._apply(result)
 
 
@@ -531,7 +539,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             self._pushUndo("segment from prompts", segmentationNode, list(states.values()))
             return states
 
-        return self._start(MedFMJob("Segment from prompts", work, apply, progress), wait)
+        return self._start(MedFMJob("Segment from prompts", work, apply, progress, [segmentationNode]), wait)
 
     def addBox(self, volumeNode, box, segmentationNode, segmentName, axis="axial", index=None, wait=True):
         """Prompt one slice with a box (a markups ROI node or two RAS corners) and write its result.
@@ -603,7 +611,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             self._pushUndo(description, segmentationNode, list(states.values()), entry, len(results), len(points))
             return results[-1]
 
-        return self._start(MedFMJob(description, work, apply), wait)
+        return self._start(MedFMJob(description, work, apply, nodes=[segmentationNode]), wait)
 
     def propagate(self, volumeNode, segmentationNode, segmentName, axis=None, fromIndex=None, progress=None,
                   wait=True):
@@ -631,7 +639,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             return result
 
         what = "Propagate" if fromIndex is None else f"Re-propagate from slice {fromIndex}"
-        return self._start(MedFMJob(what, work, apply, progress), wait)
+        return self._start(MedFMJob(what, work, apply, progress, [segmentationNode]), wait)
 
     def hasPropagated(self, volumeNode):
         entry, _, _ = self._entry(volumeNode, read=False)
@@ -661,7 +669,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
                 self._pushUndo("detect + segment", segmentationNode, list(states.values()))
             return states
 
-        return self._start(MedFMJob("Detect + segment", work, apply, progress), wait)
+        return self._start(MedFMJob("Detect + segment", work, apply, progress, [segmentationNode]), wait)
 
     def canUndo(self):
         return bool(self._undo)
