@@ -205,8 +205,11 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ actions
     def _viewAxisAndIndex(self):
-        sliceNode = slicer.app.layoutManager().sliceWidget(self._parameterNode.sliceView).mrmlSliceNode()
-        return self.logic.sliceAxisAndIndex(sliceNode, self._parameterNode.inputVolume)
+        sliceWidget = slicer.app.layoutManager().sliceWidget(self._parameterNode.sliceView)
+        if sliceWidget is None:  # the view is not in the current layout
+            raise InputError(f"the {self._parameterNode.sliceView} view is not in the current layout: "
+                             "choose another slice view")
+        return self.logic.sliceAxisAndIndex(sliceWidget.mrmlSliceNode(), self._parameterNode.inputVolume)
 
     def onBoxFromRoi(self):
         p = self._parameterNode
