@@ -223,7 +223,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p.pointsNode:
             p.pointsNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedFM clicks")
-        p.pointsNode.SetMarkupLabelFormat("+%d" if positive else "-%d")  # mrml: a "-" label is a negative click
+        p.pointsNode.SetControlPointLabelFormat("+%d" if positive else "-%d")  # mrml: a "-" label is a negative click
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
         selectionNode.SetActivePlaceNodeID(p.pointsNode.GetID())
