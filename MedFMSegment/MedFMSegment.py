@@ -649,10 +649,11 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             return interaction.replay(session, segmentId, reset, prompts, dirty, shape)
 
         def apply(masks):
-            if beforeWrite is not None:
+            text = interaction.text(segmentId)
+            if beforeWrite is not None and (masks or mrml_prompts.stored_prompts(segmentationNode, segmentId) != text):
                 beforeWrite()
             mrml_prompts.write_slices(segmentationNode, segmentId, masks, ijk_to_ras, volumeNode, editorNode)
-            mrml_prompts.store_prompts(segmentationNode, segmentId, interaction.text(segmentId))
+            mrml_prompts.store_prompts(segmentationNode, segmentId, text)
             interaction.mark_written(segmentId, set(masks))
             return sorted(masks)
 

@@ -167,6 +167,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         editor, volume, segmentation, segmentId = self._nodes()
         if segmentation is None or volume is None or not segmentId:
             self.interaction.select(None)
+            self._observeSegmentation(None)
             return
         self._observeSegmentation(segmentation)
         if segmentId != self.interaction.segment_id:
@@ -265,8 +266,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if action == "polarity":
             positive = self.interaction.toggle_polarity()
             self.statusLabel.text = _("Plain clicks include") if positive else _("Plain clicks exclude")
-        elif action == "clear":
-            self._change(self.interaction.clear)
+        elif action == "clear":  # the prompts go, the segment's voxels stay (the stored list is emptied)
+            self._change(lambda: (self.interaction.clear(), self.interaction.mark_written()))
         elif action == "cancel":
             self._cancel()
         elif action == "next":
