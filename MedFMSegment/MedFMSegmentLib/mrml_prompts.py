@@ -237,8 +237,10 @@ class PromptMarkers:
 
     # events -----------------------------------------------------------------------------------
     @vtk.calldata_type(vtk.VTK_INT)
-    def _onPointModified(self, caller, event, index):
-        if self._quiet or self.on_moved is None or not 0 <= index < caller.GetNumberOfControlPoints():
+    def _onPointModified(self, caller, event, index=None):  # None: the event came without a point index
+        if index is None or self._quiet or self.on_moved is None:
+            return
+        if not 0 <= index < caller.GetNumberOfControlPoints():
             return
         if caller.GetNthControlPointPositionStatus(index) != caller.PositionDefined:
             return
@@ -255,15 +257,15 @@ class PromptMarkers:
         self.on_moved(pid, tuple(float(v) for v in ijk))
 
     @vtk.calldata_type(vtk.VTK_INT)
-    def _onPointRemoved(self, caller, event, index):
-        if self._quiet or not 0 <= index < caller.GetNumberOfControlPoints():
+    def _onPointRemoved(self, caller, event, index=None):  # None: the event came without a point index
+        if index is None or self._quiet or not 0 <= index < caller.GetNumberOfControlPoints():
             return
         pid = _prompt_id(caller.GetNthControlPointDescription(index))
         if self._shown.pop(pid, None) is not None and self.on_removed is not None:
             self.on_removed(pid)
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
-    def _onNodeRemoved(self, caller, event, node):
+    def _onNodeRemoved(self, caller, event, node=None):
         if node is None:
             return
         for positive, points in list(self._points.items()):

@@ -5,7 +5,7 @@ QTimer then runs only during the timer slots (a few ms per 100 ms), so a 50 ms d
 second. The cure, as SlicerNNInteractive does it: while a job runs, the main thread stays in
 :meth:`Worker.wait`, which blocks on the job's future with a timeout (``threading`` waits release the
 GIL, so the worker runs at full speed) and calls ``pump`` (``slicer.app.processEvents``) between
-waits, so the GUI never waits longer than one ``slot`` (0.08 s by default) for its events.
+waits, so the GUI never waits longer than one ``slot`` (0.06 s by default) for its events.
 ``Testing/Python/test_worker.py`` emulates the PythonQt main loop (a C call through ``ctypes.PyDLL``
 that keeps the GIL) and checks the prompt-to-mask latency against the same call without a GUI loop.
 
@@ -26,7 +26,7 @@ from .errors import Cancelled
 logger = logging.getLogger(__name__)
 
 #: Longest time the main thread spends waiting without pumping GUI events (seconds).
-DEFAULT_SLOT = 0.08
+DEFAULT_SLOT = 0.06
 
 
 class Worker:

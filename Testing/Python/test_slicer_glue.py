@@ -304,18 +304,26 @@ def test_module_self_test_runs_headless(segment_module, monkeypatch):
     selftest.test_box_prompt_dice_and_undo()
 
 
+def _ellipsoid_scene(seg, scene, other_region):
+    """A 3-slice ellipsoid volume, a segmentation and its segment "Other" covering ``other_region`` (an index)."""
+    from MedFMSegmentLib import mrml
+
+    volume, truth = seg.makeEllipsoidVolume(scene, shape_kji=(3, 40, 48), radii_kji=(2, 12, 15))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    ijk_to_ras, shape = mrml.volume_geometry(volume)
+    other = np.zeros(shape, np.uint8)
+    other[other_region] = 1
+    mrml.write_mask_to_segment(segmentation, "Other", other, ijk_to_ras, volume)
+    return volume, truth, segmentation, ijk_to_ras, shape, other
+
+
 def test_interactive_logic_on_a_real_scene(segment_module, tmp_path):
     """addBox, a failing prompt, propagation in the worker thread, undo, detect + segment, on one scene."""
     seg, scene = segment_module
     from MedFMSegmentLib import geometry, mrml
     from MedFMSegmentLib.errors import InputError
 
-    volume, truth = seg.makeEllipsoidVolume(scene, shape_kji=(3, 40, 48), radii_kji=(2, 12, 15))
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    ijk_to_ras, shape = mrml.volume_geometry(volume)
-    other = np.zeros(shape, np.uint8)
-    other[0, :4, :4] = 1
-    mrml.write_mask_to_segment(segmentation, "Other", other, ijk_to_ras, volume)
+    volume, truth, segmentation, ijk_to_ras, shape, other = _ellipsoid_scene(seg, scene, np.s_[0, :4, :4])
     logic = seg.MedFMSegmentLogic()
     with pytest.raises(InputError, match="no prompt"):
         logic.propagate(volume, segmentation, "Ellipsoid", axis="axial")
@@ -393,12 +401,8 @@ def test_effect_logic_prompts_masking_undo_tag_and_scene_close(segment_module, t
     from MedFMSegmentLib.errors import Cancelled, InputError
     from MedFMSegmentLib.interaction import Interaction
 
-    volume, truth = seg.makeEllipsoidVolume(scene, shape_kji=(3, 40, 48), radii_kji=(2, 12, 15))
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    ijk_to_ras, shape = mrml.volume_geometry(volume)
-    blocked = np.zeros(shape, np.uint8)
-    blocked[:, :, :12] = 1  # a segment the editor protects ("outside all segments")
-    mrml.write_mask_to_segment(segmentation, "Other", blocked, ijk_to_ras, volume)
+    # "Other" is a segment the editor protects ("outside all segments")
+    volume, truth, segmentation, ijk_to_ras, shape, blocked = _ellipsoid_scene(seg, scene, np.s_[:, :, :12])
     sid = segmentation.GetSegmentation().AddEmptySegment("", "Blob")
     editor = slicer.vtkMRMLSegmentEditorNode()
     scene.AddNode(editor)
