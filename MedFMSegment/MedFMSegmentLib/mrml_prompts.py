@@ -190,6 +190,14 @@ class PromptMarkers:
         """The markups nodes currently showing markers."""
         return [n for n in list(self._points.values()) + list(self._boxes.values()) if n is not None]
 
+    def hovered(self) -> bool:
+        """True while the mouse is over a marker (the markups widgets set an active component): let them drag it."""
+        for node in self.nodes():
+            display = node.GetDisplayNode()
+            if display is not None and display.HasActiveComponent():
+                return True
+        return False
+
     def show(self, prompts: Iterable[Prompt]) -> None:
         """Make the markers match ``prompts`` (reports nothing)."""
         prompts = list(prompts)

@@ -203,13 +203,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _onSceneClose(self, caller=None, event=None):
         self._cancel()
         self.interaction.forget()
-        self.markers = None  # the scene removes the marker nodes
+        if self.markers is not None:
+            self.markers.remove()
+            self.markers = None
 
     # ------------------------------------------------------------ interaction
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         self._view = viewWidget
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent and self.markers is not None and self.markers.hovered():
+            return False  # on a marker: the markups widget drags or deletes it, PromptMarkers reports it
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             self._press = (tuple(callerInteractor.GetEventPosition()), bool(callerInteractor.GetShiftKey()), viewWidget)
             return True

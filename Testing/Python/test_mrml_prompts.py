@@ -120,6 +120,10 @@ def test_markers_report_moved_and_deleted_points_and_boxes(scene):
     include.GetNthControlPointPositionWorld(0, ras)
     np.testing.assert_allclose(geometry.ras_to_ijk(np.array(ras), IJK_TO_RAS), a.point_ijk, atol=1e-6)
     assert moved == [] and removed == [], "showing the markers reports nothing"
+    assert not markers.hovered()
+    include.GetDisplayNode().SetActiveComponent(include.GetDisplayNode().ComponentControlPoint, 0)  # mouse on it
+    assert markers.hovered(), "the effect leaves a press on a marker to the markups widget"
+    include.GetDisplayNode().SetActiveComponent(include.GetDisplayNode().ComponentNone, -1)
 
     target = geometry.ijk_to_ras(np.array([11.0, 13.0, 4.0]), IJK_TO_RAS)
     include.SetNthControlPointPositionWorld(0, target.tolist())  # the user drags the include point
