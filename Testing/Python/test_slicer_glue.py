@@ -86,6 +86,8 @@ def test_module_is_thin_glue(name):
     # torch are imported lazily, inside functions.
     eager = {m for m in imported if m.startswith("MedFMSegmentLib") or m.startswith("MedFMTrainLib")}
     allowed = {"MedFMSegmentLib", "MedFMSegmentLib.errors", "MedFMSegmentLib.geometry", "MedFMSegmentLib.mrml",
+               "MedFMSegmentLib.worker", "MedFMSegmentLib.interaction", "MedFMSegmentLib.mrml_prompts",
+               "MedFMSegmentLib.session_cache",
                "MedFMTrainLib"}
     assert eager <= allowed, f"{name}.py imports {sorted(eager - allowed)} at load time (torch): import them lazily"
 
@@ -170,7 +172,8 @@ def test_cmakelists_package_every_engine_file(name):
     for pattern in patterns:
         packaged |= {str(Path(p).relative_to(folder)) for p in glob.glob(str(folder / pattern))}
     lib = folder / f"{name}Lib"
-    expected = {str(p.relative_to(folder)) for p in lib.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    expected = {str(p.relative_to(folder)) for lib_dir in [lib, *folder.glob("SegmentEditor*Lib")]
+                for p in lib_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert expected, f"{lib} is empty"
     missing = sorted(expected - packaged)
     assert not missing, f"{name}/CMakeLists.txt does not package {missing}"
@@ -219,7 +222,11 @@ def _fake_slicer_modules():
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = lambda choices: ("choice", tuple(choices))
-    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw}
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw,
+            "slicer.i18n": i18n}
 
 
 @pytest.fixture
@@ -297,18 +304,26 @@ def test_module_self_test_runs_headless(segment_module, monkeypatch):
     selftest.test_box_prompt_dice_and_undo()
 
 
+def _ellipsoid_scene(seg, scene, other_region):
+    """A 3-slice ellipsoid volume, a segmentation and its segment "Other" covering ``other_region`` (an index)."""
+    from MedFMSegmentLib import mrml
+
+    volume, truth = seg.makeEllipsoidVolume(scene, shape_kji=(3, 40, 48), radii_kji=(2, 12, 15))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    ijk_to_ras, shape = mrml.volume_geometry(volume)
+    other = np.zeros(shape, np.uint8)
+    other[other_region] = 1
+    mrml.write_mask_to_segment(segmentation, "Other", other, ijk_to_ras, volume)
+    return volume, truth, segmentation, ijk_to_ras, shape, other
+
+
 def test_interactive_logic_on_a_real_scene(segment_module, tmp_path):
     """addBox, a failing prompt, propagation in the worker thread, undo, detect + segment, on one scene."""
     seg, scene = segment_module
     from MedFMSegmentLib import geometry, mrml
     from MedFMSegmentLib.errors import InputError
 
-    volume, truth = seg.makeEllipsoidVolume(scene, shape_kji=(3, 40, 48), radii_kji=(2, 12, 15))
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    ijk_to_ras, shape = mrml.volume_geometry(volume)
-    other = np.zeros(shape, np.uint8)
-    other[0, :4, :4] = 1
-    mrml.write_mask_to_segment(segmentation, "Other", other, ijk_to_ras, volume)
+    volume, truth, segmentation, ijk_to_ras, shape, other = _ellipsoid_scene(seg, scene, np.s_[0, :4, :4])
     logic = seg.MedFMSegmentLogic()
     with pytest.raises(InputError, match="no prompt"):
         logic.propagate(volume, segmentation, "Ellipsoid", axis="axial")
@@ -352,6 +367,108 @@ def test_interactive_logic_on_a_real_scene(segment_module, tmp_path):
     assert _dice(segment_mask("Blob")[k], truth[k]) > 0.9
     logic.undo()
     assert not segmentation.GetSegmentation().GetSegmentIdBySegmentName("Blob")
+
+
+EFFECT = MODULES["MedFMSegment"] / "SegmentEditorMedFMLib" / "SegmentEditorEffect.py"
+
+
+def test_effect_has_the_scripted_effect_api_and_documents_its_keys():
+    tree = ast.parse(EFFECT.read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    effect = classes["SegmentEditorEffect"]
+    assert [b.id for b in effect.bases if isinstance(b, ast.Name)] == ["AbstractScriptedSegmentEditorEffect"]
+    methods = {n.name for n in effect.body if isinstance(n, ast.FunctionDef)}
+    required = {"clone", "icon", "helpText", "setupOptionsFrame", "activate", "deactivate", "createCursor",
+                "setMRMLDefaults", "updateGUIFromMRML", "updateMRMLFromGUI", "processInteractionEvents"}
+    assert required <= methods, f"missing {sorted(required - methods)}"
+    keys = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], "id", "") == "KEYS")
+    assert {action for _, action, _ in keys} >= {"propagate", "repropagate", "accept", "next", "polarity", "clear"}
+    text = EFFECT.read_text(encoding="utf-8")
+    assert "saveStateForUndo" in text and "tryWithErrorDisplay" not in text
+    assert (EFFECT.parent / "__init__.py").is_file() and (EFFECT.parent / "SegmentEditorEffect.png").is_file()
+    module = module_file("MedFMSegment").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", self.registerEditorEffect)' in module
+    assert '"SegmentEditorMedFMLib", "SegmentEditorEffect.py"' in module
+
+
+def test_effect_logic_prompts_masking_undo_tag_and_scene_close(segment_module, tmp_path):
+    """The Logic calls the effect makes, on a real scene: prompt lists, editor masking, prompt tag, accept, cancel."""
+    seg, scene = segment_module
+    import slicer
+
+    from MedFMSegmentLib import mrml, mrml_prompts
+    from MedFMSegmentLib.errors import Cancelled, InputError
+    from MedFMSegmentLib.interaction import Interaction
+
+    # "Other" is a segment the editor protects ("outside all segments")
+    volume, truth, segmentation, ijk_to_ras, shape, blocked = _ellipsoid_scene(seg, scene, np.s_[:, :, :12])
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "Blob")
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(editor)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    logic = seg.MedFMSegmentLogic()
+    it = Interaction()
+    it.select(sid)
+    k = 1
+    ys, xs = np.nonzero(truth[k])
+    it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
+    saves = []
+    written = logic.applyPrompts(volume, segmentation, sid, it, editor, beforeWrite=lambda: saves.append(1))
+    assert written == [("axial", k)] and saves == [1]
+    mask = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    assert mask[k].any() and not mask[k][:, :12].any(), "the editor's editable area is honoured"
+    assert _dice(mask[k][:, 12:], truth[k][:, 12:]) > 0.9
+    assert mrml_prompts.stored_prompts(segmentation, sid) == it.text(sid), "the prompt list is stored in the segment"
+    assert logic.applyPrompts(volume, segmentation, sid, it, editor) == [], "nothing changed: nothing written"
+
+    stray = it.click((xs.max() + 6, ys.mean(), k), "axial")  # an include click outside the blob
+    logic.applyPrompts(volume, segmentation, sid, it, editor)
+    it.remove(stray.id)  # the user deletes its marker: the slice is recomputed from the box alone
+    logic.applyPrompts(volume, segmentation, sid, it, editor)
+    np.testing.assert_array_equal(mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape), mask)
+
+    session = logic._sessions[next(iter(logic._sessions))].session
+    if hasattr(session, "set_slice_mask"):
+        assert logic.acceptSlice(volume, segmentation, sid, "axial", k) == ("axial", k)
+    else:
+        with pytest.raises(InputError, match="set_slice_mask"):
+            logic.acceptSlice(volume, segmentation, sid, "axial", k)
+
+    job = logic.propagate(volume, segmentation, "Blob", axis="axial", wait=False, editorNode=editor,
+                          beforeWrite=lambda: saves.append(2))
+    logic.waitForJob(job, pump=lambda: None)
+    job.finish()
+    assert saves[-1] == 2
+    propagated = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    assert propagated[0].any() and not propagated[:, :, :12].any()
+    np.testing.assert_array_equal(mrml.segment_to_mask(segmentation, "Other", ijk_to_ras, shape), blocked)
+
+    it.click((xs.mean(), ys.mean(), k), "axial", shift=True)
+    job = logic.applyPrompts(volume, segmentation, sid, it, editor, wait=False)
+    scene.RemoveNode(segmentation)  # the scene closes (or the node is deleted) while the job runs
+    logic.waitForJob(job)
+    with pytest.raises(Cancelled, match="left the scene"):
+        job.finish()
+    logic.shutdown()
+
+
+def test_adapter_per_segment_from_the_logic(glue, tmp_path):
+    load, scene = glue
+    seg = load("MedFMSegment")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    liver = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    segmentation.GetSegmentation().AddEmptySegment("", "Spleen")
+    adapter = tmp_path / "liver"
+    adapter.mkdir()
+    logic = seg.MedFMSegmentLogic()
+    logic.configure(adapterDir=str(tmp_path))
+    logic.setSegmentAdapter(segmentation, liver, str(adapter))
+    assert logic.segmentAdapter(segmentation, liver) == str(adapter)
+    assert logic._adapterDirFor(segmentation, "Liver") == str(adapter)
+    assert logic._adapterDirFor(segmentation, "Spleen") == str(tmp_path), "other segments keep the default"
+    logic.setSegmentAdapter(segmentation, liver, None)
+    assert logic._adapterDirFor(segmentation, "Liver") == str(tmp_path)
 
 
 def test_job_runs_in_a_worker_and_applies_on_the_caller(glue):
