@@ -2,21 +2,16 @@
 
 Thin glue: the volume and the segment are exported with the MRML layer (``MedFMSegmentLib.mrml``) and the
 engine's writers, then ``PythonSlicer -m MedFMTrainLib.tune_cli`` (the ``medfm tune`` options) trains the
-adapter while Slicer stays responsive; its output is polled with a QTimer. Adapters are listed and deleted
+adapter while Slicer stays responsive; its output is polled with a QTimer, and Cancel stops the launcher
+and its Python child (``MedFMTrainLib.process``). Adapters are listed and deleted
 with ``MedFMTrainLib.store``.
 """
-import codecs
-import json
 import logging
 import os
-import queue
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +28,7 @@ from slicer.util import VTKObservationMixin
 import MedFMSegmentLib
 from MedFMSegmentLib import geometry, mrml
 from MedFMSegmentLib.errors import InputError
+from MedFMTrainLib.process import TrainingRun
 
 log = logging.getLogger("MedFMTrain")
 
@@ -251,91 +247,6 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if slicer.util.confirmYesNoDisplay(f"Delete the adapter {path}?"):
                 self.logic.deleteAdapter(path)
             self.refreshAdapters()
-
-
-class TrainingRun:
-    """A training process; a thread reads its output into a queue, ``poll()`` (from a timer) returns new lines.
-
-    ``tune_cli`` prints JSON lines: ``{"progress": f, "message": m}``, then ``{"result": ...}``,
-    ``{"error": m}`` or ``{"cancelled": m}``; other lines (logs, "NN%" text progress) are kept as they are.
-    """
-
-    _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
-    KILL_AFTER = 30.0  # seconds between the polite stop (SIGTERM: stop at the next step) and a kill
-
-    def __init__(self, command, env, workdir, outputDir):
-        self.command, self.workdir, self.outputDir = command, workdir, Path(outputDir)
-        self.fraction, self.lines, self.cancelled = 0.0, [], False
-        self.result = self.error = None
-        self._killAt = None
-        self._queue = queue.Queue()
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                        cwd=workdir)
-        self._reader = threading.Thread(target=self._read, name="medfm-train-output", daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        """Split the output on "\n" and "\r" as it arrives (tqdm ends its updates with "\r")."""
-        decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-        while True:
-            chunk = os.read(self.process.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            *lines, pending = re.split(r"[\r\n]", pending + decoder.decode(chunk))
-            for line in lines:
-                self._queue.put(line.rstrip())
-        self._queue.put((pending + decoder.decode(b"", final=True)).rstrip())
-        self.process.stdout.close()
-
-    def _parse(self, line):
-        """The line to show; records progress, result and error."""
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):
-                if "progress" in record:
-                    self.fraction = min(max(float(record["progress"]), 0.0), 1.0)
-                    return f"{100 * self.fraction:5.1f}% {record.get('message', '')}"
-                self.result = record.get("result", self.result)
-                self.error = record.get("error") or record.get("cancelled") or self.error
-                return self.error or line
-        match = self._PERCENT.search(line)
-        if match:
-            self.fraction = min(float(match.group(1)) / 100.0, 1.0)
-        return line
-
-    def poll(self):
-        new = []
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line:
-                new.append(self._parse(line))
-        self.lines.extend(new)
-        return new
-
-    def running(self):
-        if self._killAt is not None and self.process.poll() is None and time.monotonic() > self._killAt:
-            self.process.kill()
-        return self.process.poll() is None or self._reader.is_alive()
-
-    @property
-    def returncode(self):
-        return self.process.poll()
-
-    def cancel(self):
-        """Ask the process to stop (it writes nothing); it is killed if still running KILL_AFTER s later."""
-        self.cancelled = True
-        if self.process.poll() is None:
-            self.process.terminate()
-            self._killAt = time.monotonic() + self.KILL_AFTER
-
-    def cleanup(self):
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class MedFMTrainLogic(ScriptedLoadableModuleLogic):

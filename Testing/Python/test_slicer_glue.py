@@ -86,7 +86,7 @@ def test_module_is_thin_glue(name):
     # torch are imported lazily, inside functions.
     eager = {m for m in imported if m.startswith("MedFMSegmentLib") or m.startswith("MedFMTrainLib")}
     allowed = {"MedFMSegmentLib", "MedFMSegmentLib.errors", "MedFMSegmentLib.geometry", "MedFMSegmentLib.mrml",
-               "MedFMTrainLib"}
+               "MedFMTrainLib", "MedFMTrainLib.process"}
     assert eager <= allowed, f"{name}.py imports {sorted(eager - allowed)} at load time (torch): import them lazily"
 
 
@@ -399,34 +399,14 @@ def test_train_module_self_test_runs_headless(glue):
     selftest.test_export_and_command()
 
 
-def test_training_run_reports_progress_and_cancels(glue, tmp_path):
+def test_train_module_uses_the_process_tree_run(glue):
+    """TrainingRun lives in MedFMTrainLib.process (tested there with a fake launcher: test_train_process.py)."""
     load, _ = glue
     load("MedFMSegment")
     train = load("MedFMTrain")
-    script = ("import sys, time\n"
-              "for p in (10, 40): print(f'tuning: {p}%|###', flush=True)\n"
-              "print('{\"progress\": 0.5, \"message\": \"encoding\"}', flush=True)\n"
-              "sys.stdout.write('step 5\\r 60%|####\\r'); sys.stdout.flush()\n"
-              "time.sleep(60)\n")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    run = train.TrainingRun([sys.executable, "-c", script], None, str(workdir), tmp_path / "out")
-    lines = []
-    import time
+    from MedFMTrainLib import process
 
-    deadline = time.monotonic() + 30
-    while run.fraction < 0.6 and time.monotonic() < deadline:
-        lines += run.poll()
-        time.sleep(0.05)
-    assert run.fraction == pytest.approx(0.6) and run.running()
-    assert lines[:3] == ["tuning: 10%|###", "tuning: 40%|###", " 50.0% encoding"]
-    run.cancel()
-    while run.running() and time.monotonic() < deadline:
-        run.poll()
-        time.sleep(0.05)
-    assert not run.running() and run.cancelled and run.returncode != 0
-    run.cleanup()
-    assert not workdir.exists()
+    assert train.TrainingRun is process.TrainingRun
 
 
 def test_tune_command_matches_the_trainer_cli(glue):
