@@ -20,7 +20,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -61,8 +61,9 @@ class MedFMTrainParameterNode:
     axis: Annotated[str, Choice(AXES)] = "axial"
     trainSlices: str = ""
     outputDir: str = ""
-    steps: int = 120
-    rank: int = 8
+    # WithinRange: without it Slicer's spin box connector resets the .ui limits to -2^31..2^31-1
+    steps: Annotated[int, WithinRange(1, 100000)] = 120
+    rank: Annotated[int, WithinRange(1, 256)] = 8
 
 
 class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -219,6 +219,7 @@ def _fake_slicer_modules():
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = lambda choices: ("choice", tuple(choices))
+    pnw.WithinRange = lambda minimum, maximum: ("range", minimum, maximum)
     return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw}
 
 
