@@ -135,9 +135,14 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateGui(self, caller=None, event=None):
         p = self._parameterNode
+        # The segment selector hides its own segmentation combo box (.ui: segmentationNodeSelectorVisible):
+        # its segmentation and segment follow the parameter node only.
         segmentation = p.segmentationNode if p else None
         if self.ui.segmentSelector.currentNode() is not segmentation:
             self.ui.segmentSelector.setCurrentNode(segmentation)
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(p.segmentName) if segmentation else ""
+        if segmentId and self.ui.segmentSelector.currentSegmentID() != segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(segmentId)
         ready = bool(p and p.inputVolume and segmentation and p.segmentName and p.organ.strip())
         idle = self._run is None
         self.ui.trainButton.enabled = ready and idle
