@@ -34,6 +34,7 @@ log = logging.getLogger("MedFMTrain")
 
 TUNE_MODULE = "MedFMTrainLib.tune_cli"  # python -m entry point taking the `medfm tune` options
 AXES = ["axial", "coronal", "sagittal"]
+VIEW_CHOICES = ["Red", "Yellow", "Green"]
 
 
 class MedFMTrain(ScriptedLoadableModule):
@@ -60,6 +61,7 @@ class MedFMTrainParameterNode:
     organ: str = ""
     axis: Annotated[str, Choice(AXES)] = "axial"
     trainSlices: str = ""
+    sliceView: Annotated[str, Choice(VIEW_CHOICES)] = "Red"
     outputDir: str = ""
     # WithinRange: without it Slicer's spin box connector resets the .ui limits to -2^31..2^31-1
     steps: Annotated[int, WithinRange(1, 100000)] = 120
@@ -160,11 +162,13 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddCurrentSlice(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot read the Red view's slice.", waitCursor=True):
-            sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-            axis, index = self.logic.sliceAxisAndIndex(sliceNode, p.inputVolume)
+        with slicer.util.tryWithErrorDisplay(f"MedFM: cannot read the {p.sliceView} view's slice.", waitCursor=True):
+            sliceWidget = slicer.app.layoutManager().sliceWidget(p.sliceView)
+            if sliceWidget is None:
+                raise InputError(f"the {p.sliceView} view is not in the current layout: choose another view")
+            axis, index = self.logic.sliceAxisAndIndex(sliceWidget.mrmlSliceNode(), p.inputVolume)
             if axis != p.axis:
-                raise InputError(f"the Red view shows a {axis} slice; the training axis is {p.axis}")
+                raise InputError(f"the {p.sliceView} view shows a {axis} slice; the training axis is {p.axis}")
             slices = sorted(set(self.logic.parseSlices(p.trainSlices)) | {index})
             p.trainSlices = ",".join(str(s) for s in slices)
 
