@@ -42,7 +42,7 @@ class MedFMTrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedFM Train"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["MedFMSegment"]  # imported for the view-to-axis rule and the adapter link
         self.parent.contributors = ["MedFM developers"]
         self.parent.helpText = (
             "Teach MedFM an organ from a few corrected slices: pick the volume and the corrected segment, list "
