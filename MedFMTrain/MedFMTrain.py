@@ -62,7 +62,7 @@ class MedFMTrainParameterNode:
     axis: Annotated[str, Choice(AXES)] = "axial"
     trainSlices: str = ""
     sliceView: Annotated[str, Choice(VIEW_CHOICES)] = "Red"
-    outputDir: str = ""
+    adaptersFolder: Path  # default: the adapter store (set by MedFMTrainLogic.getParameterNode)
     # WithinRange: without it Slicer's spin box connector resets the .ui limits to -2^31..2^31-1
     steps: Annotated[int, WithinRange(1, 100000)] = 120
     rank: Annotated[int, WithinRange(1, 256)] = 8
@@ -181,7 +181,7 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("MedFM: cannot start training.", waitCursor=True):
-            out = Path(p.outputDir.strip()) if p.outputDir.strip() else self.logic.defaultOutput(p.organ)
+            out = self.logic.defaultOutput(p.organ, p.adaptersFolder)
             overwrite = (out / "manifest.json").is_file()
             if overwrite and not slicer.util.confirmYesNoDisplay(f"Replace the adapter in {out}?"):
                 return
@@ -234,7 +234,7 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshAdapters(self):
         self.ui.adaptersListWidget.clear()
         try:
-            entries = self.logic.listAdapters()
+            entries = self.logic.listAdapters(self._parameterNode.adaptersFolder if self._parameterNode else None)
         except Exception as exc:  # the list is informative; a missing store or engine must not break the module
             self.ui.adaptersListWidget.addItem(f"(cannot list adapters: {exc})")
             return
@@ -268,16 +268,20 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
         self.tuneModule = TUNE_MODULE
 
     def getParameterNode(self):
-        return MedFMTrainParameterNode(super().getParameterNode())
+        parameterNode = MedFMTrainParameterNode(super().getParameterNode())
+        if str(parameterNode.adaptersFolder) in ("", "."):
+            parameterNode.adaptersFolder = self.storeFolder()
+        return parameterNode
 
     @staticmethod
     def storeFolder():
         """The per-user adapter store: $MEDFM_ADAPTERS, else ~/.medfm/adapters."""
         return Path(os.environ.get("MEDFM_ADAPTERS") or Path.home() / ".medfm" / "adapters")
 
-    def defaultOutput(self, organ):
+    def defaultOutput(self, organ, folder=None):
+        """The adapter folder of ``organ`` in ``folder`` (default: the store)."""
         from MedFMTrainLib.store import safe_name
-        return self.storeFolder() / safe_name(organ)
+        return Path(folder or self.storeFolder()) / safe_name(organ)
 
     def listAdapters(self, root=None):
         from MedFMTrainLib.store import list_adapters
