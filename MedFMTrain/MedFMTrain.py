@@ -8,7 +8,6 @@ with ``MedFMTrainLib.store``.
 """
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 import MedFMSegmentLib
-from MedFMSegmentLib import geometry, mrml
+from MedFMSegmentLib import mrml
 from MedFMSegmentLib.errors import InputError
+from MedFMTrainLib.slices import nonempty_slices, parse_slice_list
 from MedFMTrainLib.process import TrainingRun
 
 log = logging.getLogger("MedFMTrain")
@@ -245,11 +245,11 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.adaptersListWidget.addItem(item)
 
     def onUseAdapter(self):
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot select the adapter.", waitCursor=True):
-            import MedFMSegment
-
-            MedFMSegment.MedFMSegmentLogic().getParameterNode().adapterDir = self._selectedAdapter()
-            self.ui.statusLabel.text = "MedFM Segment will use this adapter"
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("MedFM: cannot attach the adapter to the segment.", waitCursor=True):
+            path = self._selectedAdapter()
+            self.logic.useAdapter(p.segmentationNode, p.segmentName, path)
+            self.ui.statusLabel.text = f"MedFM Segment uses this adapter for segment {p.segmentName!r} only"
 
     def onDeleteAdapter(self):
         with slicer.util.tryWithErrorDisplay("MedFM: cannot delete the adapter.", waitCursor=True):
@@ -288,18 +288,22 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
         root = Path(root) if root else self.storeFolder()
         return list_adapters(root) if root.is_dir() else []
 
+    @staticmethod
+    def useAdapter(segmentationNode, segmentName, adapterDir):
+        """Attach an adapter to ONE segment: MedFM Segment uses it for that segment only (saved with the scene)."""
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName) \
+            if segmentationNode and segmentName else ""
+        if not segmentId:
+            raise InputError("choose the segmentation and the segment that should use this adapter")
+        import MedFMSegment
+        MedFMSegment.MedFMSegmentLogic().setSegmentAdapter(segmentationNode, segmentId, str(adapterDir))
+        return segmentId
+
     def deleteAdapter(self, path):
         from MedFMTrainLib.store import delete_adapter
         delete_adapter(path)
 
-    @staticmethod
-    def parseSlices(text):
-        """"40, 45,50" -> [40, 45, 50]; empty -> []."""
-        tokens = [t for t in re.split(r"[,\s;]+", text or "") if t]
-        bad = [t for t in tokens if not re.fullmatch(r"\d+", t)]
-        if bad:
-            raise InputError(f"training slices must be slice numbers separated by commas, not {', '.join(bad)!r}")
-        return sorted({int(t) for t in tokens})
+    parseSlices = staticmethod(parse_slice_list)  # "40, 45,50" -> [40, 45, 50]; empty -> []
 
     @staticmethod
     def sliceAxisAndIndex(sliceNode, volumeNode):
@@ -310,9 +314,7 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
     def segmentSlices(volumeNode, segmentationNode, segmentName, axis):
         """Indices of the ``axis`` slices where the segment is not empty."""
         ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
-        mask = mrml.segment_to_mask(segmentationNode, segmentName, ijk_to_ras, shape)
-        across = tuple(a for a in range(3) if a != geometry.array_axis(axis))
-        return [int(i) for i in np.flatnonzero(mask.any(axis=across))]
+        return nonempty_slices(mrml.segment_to_mask(segmentationNode, segmentName, ijk_to_ras, shape), axis)
 
     @staticmethod
     def exportTrainingData(volumeNode, segmentationNode, segmentName, folder):

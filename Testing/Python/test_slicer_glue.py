@@ -86,7 +86,7 @@ def test_module_is_thin_glue(name):
     # torch are imported lazily, inside functions.
     eager = {m for m in imported if m.startswith("MedFMSegmentLib") or m.startswith("MedFMTrainLib")}
     allowed = {"MedFMSegmentLib", "MedFMSegmentLib.errors", "MedFMSegmentLib.geometry", "MedFMSegmentLib.mrml",
-               "MedFMTrainLib", "MedFMTrainLib.process"}
+               "MedFMTrainLib", "MedFMTrainLib.process", "MedFMTrainLib.slices"}
     assert eager <= allowed, f"{name}.py imports {sorted(eager - allowed)} at load time (torch): import them lazily"
 
 
@@ -408,6 +408,46 @@ def test_train_module_uses_the_process_tree_run(glue):
     from MedFMTrainLib import process
 
     assert train.TrainingRun is process.TrainingRun
+
+
+def test_use_adapter_attaches_it_to_one_segment(glue, monkeypatch):
+    """"Use in MedFM Segment" calls MedFMSegmentLogic().setSegmentAdapter for the chosen segment only."""
+    load, scene = glue
+    train = load("MedFMTrain")
+    calls = []
+
+    class FakeSegmentLogic:
+        def setSegmentAdapter(self, segmentationNode, segmentId, adapterDir):
+            calls.append((segmentationNode, segmentId, adapterDir))
+
+    monkeypatch.setitem(sys.modules, "MedFMSegment", types.SimpleNamespace(MedFMSegmentLogic=FakeSegmentLogic))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    liver = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    segmentation.GetSegmentation().AddEmptySegment("", "Spleen")
+    logic = train.MedFMTrainLogic()
+    assert logic.useAdapter(segmentation, "Liver", Path("/adapters/liver")) == liver
+    assert calls == [(segmentation, liver, str(Path("/adapters/liver")))]
+    from MedFMSegmentLib.errors import InputError
+
+    for node, name in ((segmentation, "Kidney"), (segmentation, ""), (None, "Liver")):
+        with pytest.raises(InputError, match="choose the segmentation and the segment"):
+            logic.useAdapter(node, name, "/adapters/liver")
+    assert len(calls) == 1
+
+
+def test_training_slice_lists():
+    from MedFMSegmentLib.errors import InputError
+    from MedFMTrainLib.slices import nonempty_slices, parse_slice_list
+
+    assert parse_slice_list(" 12, 8 ;12  3") == [3, 8, 12] and parse_slice_list("  ") == []
+    with pytest.raises(InputError, match="'ten'"):
+        parse_slice_list("8, ten")
+    mask = np.zeros((5, 6, 7), np.uint8)
+    mask[1, 2, 3] = mask[3, 4, 3] = 1
+    assert nonempty_slices(mask, "axial") == [1, 3]
+    assert nonempty_slices(mask, "coronal") == [2, 4] and nonempty_slices(mask, "sagittal") == [3]
+    with pytest.raises(ValueError):
+        nonempty_slices(mask, "oblique")
 
 
 def test_tune_command_matches_the_trainer_cli(glue):
