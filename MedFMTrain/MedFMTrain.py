@@ -24,11 +24,15 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-import MedFMSegmentLib
-from MedFMSegmentLib import mrml
-from MedFMSegmentLib.errors import InputError
-from MedFMTrainLib.slices import nonempty_slices, parse_slice_list
-from MedFMTrainLib.process import TrainingRun
+from MedFMSlicerLib import dependencies  # MedFMSegment's folder is on sys.path (parent.dependencies)
+
+dependencies.requireSupportedSlicer()  # Slicer 5.10+ (Python 3.12): one clear message, before the engine loads
+
+import MedFMSegmentLib  # noqa: E402
+from MedFMSegmentLib import mrml  # noqa: E402
+from MedFMSegmentLib.errors import InputError  # noqa: E402
+from MedFMTrainLib.process import TrainingRun  # noqa: E402
+from MedFMTrainLib.slices import nonempty_slices, parse_slice_list  # noqa: E402
 
 log = logging.getLogger("MedFMTrain")
 
@@ -180,6 +184,8 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrain(self):
         p = self._parameterNode
+        if not dependencies.ensureDependencies(ask=True):  # the trainer needs the engine packages (asks first)
+            return
         with slicer.util.tryWithErrorDisplay("MedFM: cannot start training.", waitCursor=True):
             out = self.logic.defaultOutput(p.organ, p.adaptersFolder)
             overwrite = (out / "manifest.json").is_file()
@@ -373,6 +379,10 @@ class MedFMTrainTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = dependencies.skipReason()
+        if reason:  # testing mode installs nothing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_export_and_command()
 
