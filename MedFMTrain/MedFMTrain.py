@@ -108,8 +108,9 @@ class MedFMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._timer.stop()
-        if self._run is not None:
+        if self._run is not None:  # Slicer closes: no timer will poll for the grace time, stop the tree now
             self._run.cancel()
+            self._run.tree.kill()
         self.removeObservers()
 
     def enter(self):
