@@ -245,12 +245,6 @@ def ui_api_findings(path: Path) -> list:
     return findings
 
 
-@pytest.mark.parametrize("path", ALL_UI, ids=rel)
-def test_ui_connections_and_properties_exist(path):
-    findings = ui_api_findings(path)
-    check(findings)
-
-
 def _ui_classes(folder: Path) -> dict:
     classes = {}
     for ui in ui_files(folder):
@@ -326,10 +320,10 @@ def python_api_findings(path: Path) -> list:
     return findings
 
 
-@pytest.mark.parametrize("path", ALL_GLUE, ids=rel)
-def test_python_connections_and_widget_calls_exist(path):
-    findings = python_api_findings(path)
-    check(findings)
+@pytest.mark.parametrize("path", ALL_UI + ALL_GLUE, ids=rel)
+def test_signals_slots_and_properties_exist(path):
+    """.ui connections and CTK / Slicer properties; Python connect() strings and calls on CTK / Slicer widgets."""
+    check(ui_api_findings(path) if path.suffix == ".ui" else python_api_findings(path))
 
 
 # ---------------------------------------------------------------------------------------------- packaging
@@ -449,8 +443,7 @@ def i18n_findings(path: Path) -> list:
 
 @pytest.mark.parametrize("path", ALL_GLUE, ids=rel)
 def test_user_visible_text_goes_through_translation(path):
-    findings = i18n_findings(path)
-    check(findings)
+    check(i18n_findings(path))
 
 
 # -------------------------------------------------------------------------- dependency list for Slicer
