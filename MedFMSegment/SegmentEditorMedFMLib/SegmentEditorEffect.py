@@ -83,7 +83,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         for n, (key, action, tip) in enumerate(KEYS):
             button = qt.QPushButton(f"{_(action.capitalize())} ({key})")
             button.objectName = f"MedFM{action.capitalize()}Button"
-            button.toolTip = f"{_(tip)} [{key}]"
+            button.toolTip = _("{tip} [key {key}]").format(tip=_(tip), key=key)
             button.connect("clicked(bool)", lambda checked=False, action=action: self.onAction(action))
             grid.addWidget(button, n // 3, n % 3)
             self.buttons[action] = button

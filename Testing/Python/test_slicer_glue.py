@@ -88,7 +88,7 @@ def test_module_is_thin_glue(name):
     allowed = {"MedFMSegmentLib", "MedFMSegmentLib.errors", "MedFMSegmentLib.geometry", "MedFMSegmentLib.mrml",
                "MedFMSegmentLib.worker", "MedFMSegmentLib.interaction", "MedFMSegmentLib.mrml_prompts",
                "MedFMSegmentLib.session_cache",
-               "MedFMTrainLib"}
+               "MedFMTrainLib", "MedFMTrainLib.process", "MedFMTrainLib.slices"}
     assert eager <= allowed, f"{name}.py imports {sorted(eager - allowed)} at load time (torch): import them lazily"
 
 
@@ -222,9 +222,9 @@ def _fake_slicer_modules():
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = lambda choices: ("choice", tuple(choices))
+    pnw.WithinRange = lambda minimum, maximum: ("range", minimum, maximum)
     i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
     return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw,
             "slicer.i18n": i18n}
 
@@ -516,34 +516,54 @@ def test_train_module_self_test_runs_headless(glue):
     selftest.test_export_and_command()
 
 
-def test_training_run_reports_progress_and_cancels(glue, tmp_path):
+def test_train_module_uses_the_process_tree_run(glue):
+    """TrainingRun lives in MedFMTrainLib.process (tested there with a fake launcher: test_train_process.py)."""
     load, _ = glue
     load("MedFMSegment")
     train = load("MedFMTrain")
-    script = ("import sys, time\n"
-              "for p in (10, 40): print(f'tuning: {p}%|###', flush=True)\n"
-              "print('{\"progress\": 0.5, \"message\": \"encoding\"}', flush=True)\n"
-              "sys.stdout.write('step 5\\r 60%|####\\r'); sys.stdout.flush()\n"
-              "time.sleep(60)\n")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    run = train.TrainingRun([sys.executable, "-c", script], None, str(workdir), tmp_path / "out")
-    lines = []
-    import time
+    from MedFMTrainLib import process
 
-    deadline = time.monotonic() + 30
-    while run.fraction < 0.6 and time.monotonic() < deadline:
-        lines += run.poll()
-        time.sleep(0.05)
-    assert run.fraction == pytest.approx(0.6) and run.running()
-    assert lines[:3] == ["tuning: 10%|###", "tuning: 40%|###", " 50.0% encoding"]
-    run.cancel()
-    while run.running() and time.monotonic() < deadline:
-        run.poll()
-        time.sleep(0.05)
-    assert not run.running() and run.cancelled and run.returncode != 0
-    run.cleanup()
-    assert not workdir.exists()
+    assert train.TrainingRun is process.TrainingRun
+
+
+def test_use_adapter_attaches_it_to_one_segment(glue, monkeypatch):
+    """"Use in MedFM Segment" calls MedFMSegmentLogic().setSegmentAdapter for the chosen segment only."""
+    load, scene = glue
+    train = load("MedFMTrain")
+    calls = []
+
+    class FakeSegmentLogic:
+        def setSegmentAdapter(self, segmentationNode, segmentId, adapterDir):
+            calls.append((segmentationNode, segmentId, adapterDir))
+
+    monkeypatch.setitem(sys.modules, "MedFMSegment", types.SimpleNamespace(MedFMSegmentLogic=FakeSegmentLogic))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    liver = segmentation.GetSegmentation().AddEmptySegment("", "Liver")
+    segmentation.GetSegmentation().AddEmptySegment("", "Spleen")
+    logic = train.MedFMTrainLogic()
+    assert logic.useAdapter(segmentation, "Liver", Path("/adapters/liver")) == liver
+    assert calls == [(segmentation, liver, str(Path("/adapters/liver")))]
+    from MedFMSegmentLib.errors import InputError
+
+    for node, name in ((segmentation, "Kidney"), (segmentation, ""), (None, "Liver")):
+        with pytest.raises(InputError, match="choose the segmentation and the segment"):
+            logic.useAdapter(node, name, "/adapters/liver")
+    assert len(calls) == 1
+
+
+def test_training_slice_lists():
+    from MedFMSegmentLib.errors import InputError
+    from MedFMTrainLib.slices import nonempty_slices, parse_slice_list
+
+    assert parse_slice_list(" 12, 8 ;12  3") == [3, 8, 12] and parse_slice_list("  ") == []
+    with pytest.raises(InputError, match="'ten'"):
+        parse_slice_list("8, ten")
+    mask = np.zeros((5, 6, 7), np.uint8)
+    mask[1, 2, 3] = mask[3, 4, 3] = 1
+    assert nonempty_slices(mask, "axial") == [1, 3]
+    assert nonempty_slices(mask, "coronal") == [2, 4] and nonempty_slices(mask, "sagittal") == [3]
+    with pytest.raises(ValueError):
+        nonempty_slices(mask, "oblique")
 
 
 def test_tune_command_matches_the_trainer_cli(glue):
