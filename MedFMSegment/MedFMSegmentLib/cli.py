@@ -180,6 +180,7 @@ def _executor(args, spec, out_dir: Path):
         return batch.SerialExecutor(lambda: _session(args))
     from . import cluster
 
+    logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.ERROR)
     client, dask_cluster, info = cluster.connect(spec, retries=args.retries)  # unreachable: nothing written
     created = not out_dir.exists()
     try:

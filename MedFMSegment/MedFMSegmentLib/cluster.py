@@ -261,7 +261,7 @@ def connect(spec: ClusterSpec, retries: int = 2, timeout_s: float = CONNECT_TIME
                 workers = spec.workers or max(1, cores // 2)
                 info = {"workers": workers, "torch_threads": max(1, cores // workers)}
                 cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                                   dashboard_address=":0", silence_logs=logging.ERROR)
                 client = distributed.Client(cluster)
             elif spec.kind == "tcp":
                 info = {"workers": None, "torch_threads": None}
