@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 import traceback
 import uuid
@@ -373,7 +374,7 @@ def run_case(case: Case, job: Job, get_session: Callable, worker: str = "local")
     """
     from .io import write_text_atomic
 
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     prior = read_report(case.report)
     attempt = 1
     if prior and prior.get("status") == "running" and prior.get("run") == job.run_id:
@@ -405,7 +406,8 @@ def run_case(case: Case, job: Job, get_session: Callable, worker: str = "local")
         rep = job.runner(options, case, get_session)
         outputs = _verify_outputs(case, rep)
         row = {**base, **rep, "status": "done", "inputs": inputs, "outputs": outputs,
-               "seconds": round(time.perf_counter() - t0, 2), "settings": job.settings}
+               "segment_seconds": rep.get("seconds"), "seconds": round(time.perf_counter() - t0, 2),
+               "settings": job.settings}
         write_text_atomic(case.report, json.dumps(row, indent=1, default=str), overwrite=True)
     except Exception as exc:  # one bad case must not stop the cohort
         log.error("case %s failed: %s", case.name, exc)
@@ -419,7 +421,8 @@ def run_case(case: Case, job: Job, get_session: Callable, worker: str = "local")
         except OSError as write_exc:  # e.g. the disk is full: the running report stays, the case is redone
             log.error("case %s: could not write its report %s: %s", case.name, case.report, write_exc)
     return {"case": case.name, "status": row["status"], "seconds": row["seconds"], "worker": worker,
-            "retries": row["retries"], "device": row.get("device"), "error": row.get("error")}
+            "retries": row["retries"], "device": row.get("device"), "error": row.get("error"),
+            "segment_seconds": row.get("segment_seconds"), "started_at": started_at, "ended_at": time.time()}
 
 
 # ----------------------------------------------------------------------------- executors and the run
@@ -476,7 +479,7 @@ def run_cohort(cases: Sequence[Case], job: Job, executor, out_dir: Path, quiet: 
     t0 = time.perf_counter()
     pending = list(cases)
     interrupted = False
-    bar = tqdm(total=len(cases), desc="batch", unit="case", disable=quiet, file=__import__("sys").stderr)
+    bar = tqdm(total=len(cases), desc="batch", unit="case", disable=quiet, file=sys.stderr)
     try:
         while pending or inflight:
             while pending and len(inflight) < executor.window:

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -306,6 +307,7 @@ class DaskExecutor:
         self.window = max(2 * workers, 2)
         self.info = info
         self.futures: Dict[str, Tuple[batch.Case, object]] = {}
+        self.submitted_at: Dict[str, float] = {}  # wall clock: rows carry the worker's started_at / ended_at
         self.done = distributed.as_completed()
         client.register_plugin(MedFMWorkerPlugin(info.get("torch_threads"), make_session))
         self.description = {"executor": "dask", "scheduler": client.scheduler.address,
@@ -315,13 +317,16 @@ class DaskExecutor:
     def submit(self, case: batch.Case, job: batch.Job) -> None:
         future = self.client.submit(_worker_case, case, job, key=f"medfm-{job.run_id}-{case.name}", pure=False)
         self.futures[future.key] = (case, future)
+        self.submitted_at[case.name] = time.time()
         self.done.add(future)
 
     def next_result(self) -> Tuple[batch.Case, dict]:
         future = next(self.done)
         case, _ = self.futures.pop(future.key)
         try:
-            return case, future.result()
+            row = future.result()
+            row.update(submitted_at=self.submitted_at.pop(case.name, None), received_at=time.time())
+            return case, row
         except distributed.KilledWorker as exc:
             error = (f"the worker running the case died {self.retries + 1} times "
                      f"(retried {self.retries} times, then gave up): {exc}")

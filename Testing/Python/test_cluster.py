@@ -260,3 +260,36 @@ def test_local_cluster_matches_serial_and_survives_a_killed_worker(tmp_path, cap
                            "--cluster", "local:2"], capsys)
     assert code == 0 and json.loads(stdout) == {"done": [], "skipped": ["a", "b", "c"], "failed": []}
     assert time.monotonic() - t0 < 10
+
+
+def test_ctrl_c_on_a_cluster_run_leaves_only_complete_outputs(tmp_path):
+    """SIGINT to `medfm batch --cluster local:1` while a case runs: exit 130, the futures are cancelled and
+    the cluster stopped, no lock or temporary file remains, every output present is complete."""
+    cases, prompts = make_cohort(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "MedFMSegmentLib.cli", "-q", "batch", str(cases), "--prompts-dir",
+                             str(prompts), "--output-dir", str(out), "--cluster", "local:1"],
+                            env={**os.environ, "PYTHONPATH": PYTHONPATH}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            reports = list(out.glob("*.report.json")) if out.is_dir() else []
+            if any('"running"' in r.read_text(encoding="utf-8") for r in reports):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert [n for n in files_in(out) if n.startswith(".")] == []
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["interrupted"] and "cancelled" in {r["status"] for r in summary["cases"]}
+    from MedFMSegmentLib import io
+
+    for seg in out.glob("*.seg.nrrd"):
+        io.read_segmentation(seg)
