@@ -198,12 +198,14 @@ def files_in(folder: Path):
 
 
 def test_local_cluster_matches_serial_and_survives_a_killed_worker(tmp_path, capsys, monkeypatch, litemedsam):
-    """3 cases: serial (this process) vs --cluster local:2. One worker is killed with SIGKILL while it runs a
-    case: the case is run again on a worker, the run completes, the summary names the retried case, every
-    output has the serial run's bytes, no partial or lock file is left, and a rerun skips every case."""
+    """3 cases (+ one without prompts): serial (this process) vs --cluster local:2. One worker is killed with
+    SIGKILL while it runs a case: the case is run again on a worker, the run completes, the summary names
+    the retried case, the bad case fails once (not retried, exit 1), every output has the serial run's
+    bytes, no partial or lock file is left, and a rerun skips every case."""
     import torch
 
     cases, prompts = make_cohort(tmp_path)
+    (cases / "z.nrrd").write_bytes((cases / "a.nrrd").read_bytes())  # bad input (no prompts): failed, not retried
     serial, clustered = tmp_path / "serial", tmp_path / "cluster"
     monkeypatch.setattr(cli, "_session", lambda args: PromptSession(litemedsam))
     threads = torch.get_num_threads()
@@ -212,7 +214,7 @@ def test_local_cluster_matches_serial_and_survives_a_killed_worker(tmp_path, cap
         code, _, err = run(["-q", "batch", cases, "--prompts-dir", prompts, "--output-dir", serial], capsys)
     finally:
         torch.set_num_threads(threads)
-    assert code == 0, err
+    assert code == 1, err
     monkeypatch.undo()  # the workers load the model themselves
 
     killed = []
@@ -237,23 +239,26 @@ def test_local_cluster_matches_serial_and_survives_a_killed_worker(tmp_path, cap
                              "--cluster", "local:2"], capsys)
     killer.join(5)
     assert killed, "no case was seen running"
-    assert code == 0, err
+    assert code == 1, err
     printed = json.loads(stdout)
-    assert printed["done"] == ["a", "b", "c"] and printed["retried"] == killed
+    assert printed["done"] == ["a", "b", "c"] and printed["failed"] == ["z"] and printed["retried"] == killed
     summary = json.loads((clustered / "summary.json").read_text(encoding="utf-8"))
     rows = {r["case"]: r for r in summary["cases"]}
     assert rows[killed[0]]["retries"] >= 1 and summary["totals"]["retried"] == 1
+    bad = rows.pop("z")
+    assert bad["status"] == "failed" and bad["retries"] == 0 and "no prompts file" in bad["error"]
     assert all(r["status"] == "done" and r["device"] == "cpu" and r["worker"].startswith("tcp://") for r in rows.values())
     assert all(r["worker_model_loads"] == 1 for r in rows.values())  # one model per worker process
     csv_lines = (clustered / "summary.csv").read_text(encoding="utf-8").splitlines()
-    assert csv_lines[0] == "case,status,seconds,worker,retries,device,error" and len(csv_lines) == 4
+    assert csv_lines[0] == "case,status,seconds,worker,retries,device,error" and len(csv_lines) == 5
     for name in "abc":
         assert (clustered / f"{name}.seg.nrrd").read_bytes() == (serial / f"{name}.seg.nrrd").read_bytes(), name
         ours, theirs = (json.loads((f / f"{name}.report.json").read_text(encoding="utf-8")) for f in (clustered, serial))
         assert ours["segments"] == theirs["segments"] and ours["inputs"] == theirs["inputs"]
     assert files_in(clustered) == sorted([f"{n}.{s}" for n in "abc" for s in ("seg.nrrd", "report.json")]
-                                         + ["summary.json", "summary.csv"])
+                                         + ["z.report.json", "summary.json", "summary.csv"])
 
+    (cases / "z.nrrd").unlink()
     # resume: every case is done, so no cluster is even started
     t0 = time.monotonic()
     code, stdout, _ = run(["-q", "batch", cases, "--prompts-dir", prompts, "--output-dir", clustered,
