@@ -12,12 +12,11 @@ Exit status: 0 success, 1 some cases failed (batch), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +24,7 @@ from .errors import MedFMError
 
 log = logging.getLogger("medfm")
 
-VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+from .batch import VOLUME_SUFFIXES  # noqa: E402,F401  (re-exported: Resources/slicer_batch.py uses it)
 
 
 def _adapter_loader():
@@ -43,14 +42,6 @@ def _session(args):
     return PromptSession(model=args.model, device=args.device, checkpoint=args.checkpoint,
                          allow_unverified=args.allow_unverified, precision=args.precision,
                          compile=args.compile)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _check_outputs(paths: List[Optional[str]], overwrite: bool) -> None:
@@ -112,16 +103,6 @@ def _write_overlay(path, array_kji, ijk_to_ras, masks, overwrite: bool) -> None:
     write_overlay(path, array_kji, ijk_to_ras, masks, overwrite=overwrite)
 
 
-def _case_done(output: Path, report_path: Path) -> bool:
-    """A case is done when its output exists and its report says so (a failed case is retried)."""
-    if not (output.exists() and report_path.exists()):
-        return False
-    try:
-        return json.loads(report_path.read_text(encoding="utf-8")).get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
@@ -136,62 +117,96 @@ def cmd_segment(args) -> int:
     return 0
 
 
+BATCH_SETTINGS = ("model", "checkpoint", "adapter", "preset", "labelmaps")  # a change redoes done cases
+DETECT_SETTINGS = ("model", "checkpoint", "axis", "score_threshold", "margin", "adapter_dir", "preset", "labelmaps")
+
+
 def cmd_batch(args) -> int:
     """Every volume of a cohort folder with its prompts file; resumable, never overwrites, keeps going."""
-    from tqdm import tqdm
+    from . import batch
 
+    cases = batch.segment_cases(Path(args.cohort), Path(args.prompts_dir), Path(args.output_dir), args.labelmaps)
+    return _run_cohort(args, "batch", cases, batch.segment_runner, BATCH_SETTINGS)
+
+
+def cmd_detect_cohort(args) -> int:
+    """``medfm detect-segment COHORT_DIR --detector SPEC --output-dir DIR``: one case per volume."""
+    from . import batch
     from .errors import InputError
-    from .io import write_text_atomic
 
-    cohort, prompts_dir, out_dir = Path(args.cohort), Path(args.prompts_dir), Path(args.output_dir)
-    for p, what in ((cohort, "cohort folder"), (prompts_dir, "prompts folder")):
-        if not p.is_dir():
-            raise InputError(f"{what} {p} does not exist or is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cases = sorted(p for p in cohort.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
-    if not cases:
-        raise InputError(f"no volumes ({', '.join(VOLUME_SUFFIXES)}) in {cohort}")
-    sessions = []  # one session for the cohort, made when a case first needs it
+    if not args.output_dir:
+        raise InputError(f"{args.volume} is a folder (a cohort): pass --output-dir (not --output)")
+    cases = batch.detect_cases(Path(args.volume), args.detector, Path(args.output_dir), args.labelmaps)
+    return _run_cohort(args, "detect-segment", cases, batch.detect_runner, DETECT_SETTINGS + ("detector",))
 
-    def get_session():
-        if not sessions:
-            sessions.append(_session(args))
-        return sessions[0]
 
-    summary = {"done": [], "skipped": [], "failed": []}
-    for volume in tqdm(cases, desc="batch", unit="case", disable=args.quiet, file=sys.stderr):
-        case = _stem(volume)
-        output = out_dir / f"{case}.seg.nrrd"
-        report_path = out_dir / f"{case}.report.json"
-        prompts_path = prompts_dir / f"{case}.json"
-        if not args.overwrite and _case_done(output, report_path):
-            summary["skipped"].append(case)
-            continue
-        t0 = time.perf_counter()
-        try:
-            if not prompts_path.is_file():
-                raise InputError(f"no prompts file {prompts_path} for case {case}")
-            labelmap = str(out_dir / f"{case}.labels.nii.gz") if args.labelmaps else None
-            rep = segment_case(args, str(volume), str(prompts_path), str(output), labelmap, None,
-                               get_session=get_session)
-            rep["status"] = "done"
-            summary["done"].append(case)
-        except Exception as exc:  # one bad case must not stop the cohort
-            log.error("case %s failed: %s", case, exc)
-            rep = {"volume": str(volume), "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            if not isinstance(exc, MedFMError):
-                rep["traceback"] = traceback.format_exc()
-            summary["failed"].append(case)
-        write_text_atomic(report_path, json.dumps(rep, indent=1), overwrite=True)
-    print(json.dumps(summary, indent=1))
-    return 1 if summary["failed"] else 0
+def _run_cohort(args, kind: str, cases, runner, setting_keys) -> int:
+    """Run ``cases`` serially or on ``--cluster``; print the short summary; exit 0 / 1 (see batch.exit_status)."""
+    from . import batch
+
+    out_dir = Path(args.output_dir)
+    job = batch.Job(kind, batch.job_options(args), batch.settings_of(args, kind, setting_keys), batch.new_run_id(),
+                    runner)
+    spec = _cluster_spec(args.cluster) if args.cluster else None  # a bad SPEC or config: before any write
+    if spec is not None and not args.overwrite and all(batch.case_is_done(c, job.settings) for c in cases):
+        spec = None  # every case is done: no cluster to start
+    executor = _executor(args, spec, out_dir)
+    try:
+        summary = batch.run_cohort(cases, job, executor, out_dir, quiet=getattr(args, "quiet", False),
+                                   cluster=args.cluster)
+    finally:
+        executor.close()
+    print(json.dumps(batch.stdout_summary(summary), indent=1))
+    return batch.exit_status(summary)
+
+
+def _cluster_spec(text: str):
+    from .errors import InputError
+
+    try:
+        from . import cluster
+    except ImportError as exc:
+        raise InputError(f"--cluster needs the optional packages distributed and dask-jobqueue "
+                         f"(pip install 'medfm[cluster]'): {exc}") from exc
+    return cluster.parse_cluster_spec(text)
+
+
+def _executor(args, spec, out_dir: Path):
+    """The serial executor, or a Dask one whose workers were checked (engine, output folder); creates out_dir."""
+    from . import batch
+
+    if spec is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return batch.SerialExecutor(lambda: _session(args))
+    from . import cluster
+
+    logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    client, dask_cluster, info = cluster.connect(spec, retries=args.retries)  # unreachable: nothing written
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cluster.check_workers(client, out_dir.resolve())
+        return cluster.DaskExecutor(client, dask_cluster, info, _session, retries=args.retries)
+    except BaseException:
+        client.close()
+        if dask_cluster is not None:
+            dask_cluster.close()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
 
 
 def cmd_detect_segment(args) -> int:
     from . import detectors, io
     from .chain import detect_and_segment
+    from .errors import InputError
 
+    if os.path.isdir(args.volume):
+        return cmd_detect_cohort(args)
+    if not args.output or args.output_dir or args.cluster:
+        raise InputError("detect-segment on one volume needs --output (--output-dir and --cluster are for a "
+                         "cohort folder)")
     _check_outputs([args.output, args.labelmap], args.overwrite)
     array_kji, ijk_to_ras = io.read_volume(args.volume)
     detector = detectors.detector_from_spec(args.detector)
@@ -231,6 +246,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def _cohort_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="SPEC",
+                   help="run the cases on Dask: local, local:N, tcp://HOST:PORT, slurm:CONFIG.yaml, pbs:CONFIG.yaml")
+    p.add_argument("--retries", type=int, default=2, choices=range(0, 11), metavar="N",
+                   help="--cluster: times a case is rerun after its worker died (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="MedFM: promptable medical segmentation, headless.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -253,14 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--labelmaps", action="store_true", help="also write CASE.labels.nii.gz")
     p.add_argument("--adapter", help="adapter directory applied to every segment")
+    _cohort_options(p)
     _model_options(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("detect-segment", help="detector boxes -> SAM -> one segment per label")
-    p.add_argument("volume")
+    p.add_argument("volume", help="a volume, or a cohort folder (then --output-dir; {case} in --detector)")
     p.add_argument("--detector", required=True, help="labelmap:PATH[:per-component] | boxes:PATH | monai:PATH | adapter:DIR")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", help="output .seg.nrrd (one volume)")
     p.add_argument("--labelmap")
+    p.add_argument("--output-dir", help="cohort: folder of CASE.seg.nrrd + CASE.report.json")
+    p.add_argument("--labelmaps", action="store_true", help="cohort: also write CASE.labels.nii.gz")
+    _cohort_options(p)
     p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--margin", type=int, default=2, help="voxels added around each detected box")

@@ -287,7 +287,7 @@ def test_batch_keeps_going_reports_and_resumes(cohort, capsys, fast_session):
     summary = json.loads(stdout)
     assert summary == {"done": ["ok"], "skipped": [], "failed": ["broken", "noprompts"]}
     assert files_in(out) == sorted(["ok.seg.nrrd", "ok.report.json", "noprompts.report.json",
-                                    "broken.report.json"])
+                                    "broken.report.json", "summary.json", "summary.csv"])
     ok = report(out, "ok")
     assert ok["status"] == "done" and ok["output"] == str(out / "ok.seg.nrrd")
     info = ok["segments"]["Thalamus_L"]
