@@ -145,6 +145,23 @@ def choose_threads(requested: Optional[int] = None) -> Tuple[int, str]:
     return free, f"{cores} cores available, load average {load:.1f}"
 
 
+def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve blocks of >= ``threshold`` bytes with mmap, so a freed embedding goes back to
+    the OS. Without it glibc raises its mmap threshold after the first frees and serves the 2-4 MB
+    embeddings from the heap: measured, filling a 768 MB embedding cache grew the resident size by
+    2,050 MB (by 768 MB with it). Returns whether the setting was applied (process-wide, idempotent).
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 # --------------------------------------------------------------------------- the choice
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import geometry
+from . import geometry, runtimes
 from .errors import InputError
 from .models import PromptableModel, load_model
 from .preprocess import Crop, box_crop, full_slice_crop, model_to_slice, normalise_volume, slice_to_model
@@ -129,6 +129,9 @@ class SessionConfig:
     # encode_ahead: masks are identical with and without encoding ahead.
     reuse_window: bool = True
     encode_ahead: int = 1  # slices encoded in the background ahead of the walking direction (0: off)
+    # Also encode both neighbours of a slice the user prompts (for an interactive viewer; off by
+    # default: on 2 cores it competes with the decoder, and scripts rarely move to a neighbour).
+    encode_neighbours: bool = False
 
 
 @dataclass
@@ -179,8 +182,9 @@ class PromptSession:
     """Promptable segmentation of one object in one volume (see module docstring)."""
 
     def __init__(self, model: Union[str, PromptableModel] = "litemedsam", device: Optional[str] = None,
-                 cache: Optional[EmbeddingCache] = None, cache_bytes: int = 768 << 20,
+                 cache: Optional[EmbeddingCache] = None, cache_bytes: int = 256 << 20,
                  config: Optional[SessionConfig] = None, **model_kwargs):
+        runtimes.limit_heap_fragmentation()  # embeddings freed by the LRU return to the OS
         self.model = model if isinstance(model, PromptableModel) else load_model(model, device=device, **model_kwargs)
         self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, dtype=torch.float16)
         self.config = config or SessionConfig()
@@ -297,15 +301,20 @@ class PromptSession:
             return offered
         return self.crop_for(axis, box_xy)
 
-    def _offer_window(self, axis: str, index: int, crop: Crop) -> None:
-        """Offer ``crop`` to the next slices in the walking direction; encode them ahead."""
+    def _offer_window(self, axis: str, index: int, crop: Crop, walking: bool) -> None:
+        """Offer ``crop`` to the neighbours of slice ``index`` and encode them ahead: when ``walking``
+        (propagation), the next slice(s) in the direction of the walk, else both neighbours."""
         if not self.config.reuse_window:
             return
         last = self._last_index.get(axis)
         self._last_index[axis] = index
         n = geometry.num_slices(self._volume_u8.shape, axis)
-        steps = [int(np.sign(index - last))] if last is not None and last != index else [-1, 1]
-        depth = self.config.encode_ahead if len(steps) == 1 else min(self.config.encode_ahead, 1)
+        walking = walking and last is not None and last != index
+        steps = [int(np.sign(index - last))] if walking else [-1, 1]
+        if len(steps) == 1:
+            depth = self.config.encode_ahead
+        else:
+            depth = min(self.config.encode_ahead, 1) if self.config.encode_neighbours else 0
         for step in steps:
             if 0 <= index + step < n:
                 self._windows[(axis, index + step)] = crop
@@ -422,7 +431,7 @@ class PromptSession:
         index = geometry.check_index(self._volume_u8.shape, axis, index)
         box = self._check_box(axis, index, box_xy)
         crop = self._window(axis, index, box)
-        self._offer_window(axis, index, crop)
+        self._offer_window(axis, index, crop, walking=True)
         _, score, mask = self.predict(axis, index, box, crop=crop)
         return SliceResult(axis, index, mask, score, box)
 
@@ -471,7 +480,7 @@ class PromptSession:
                 state.crop = self._window(axis, index, state.box_xy)
             elif not self._crop_fits(axis, state.crop, state.box_xy):
                 state.crop = self.crop_for(axis, state.box_xy)
-            self._offer_window(axis, index, state.crop)
+            self._offer_window(axis, index, state.crop, walking=False)
             edits = bool(state.points) and "points" not in self.model.spec.trained_with
             _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop,
                                           clear_negatives=not edits)
