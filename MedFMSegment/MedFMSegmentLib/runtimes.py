@@ -275,11 +275,9 @@ def cache_dir(path: Optional[Path] = None) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from .models import file_sha256  # lazy: models imports this module's users lazily too
+
+    return file_sha256(path)
 
 
 def entry_key(identity: dict) -> str:
