@@ -227,7 +227,7 @@ def cmd_models(args) -> int:
             "precision": plan.precision, "reason": plan.reason, "threads": min(threads, torch.get_num_threads())
             if args.threads is None else threads, "threads_reason": why, "cpu": cpu.as_dict(),
             "cache_dir": str(runtimes.default_cache_dir())}
-    print("runtime " + json.dumps(info))
+    print("runtime " + json.dumps(info), file=sys.stderr)  # stdout stays the registry, one model a line
     return 0
 
 

@@ -113,8 +113,9 @@ def test_threads_follow_the_environment_and_the_free_cores(monkeypatch):
 
 def test_cmd_models_reports_the_runtime_choice(capsys):
     assert cli.main(["models"]) == 0
-    out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("runtime "))
+    captured = capsys.readouterr()
+    assert captured.out.split()[0] == "litemedsam"
+    line = next(l for l in captured.err.splitlines() if l.startswith("runtime "))
     info = json.loads(line[len("runtime "):])
     assert info["cpu"]["model"] and "isa_flags" in info["cpu"] and info["reason"]
     assert info["runtime"] in ("torch", "openvino") and info["threads"] >= 1
