@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import resource
 import statistics
 import sys
@@ -155,7 +156,7 @@ def prompt_to_mask(args, loaded, volume, inputs) -> dict:
     return out
 
 
-def end_to_end(args, threads: int, cache_root: Path) -> dict:
+def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None) -> dict:
     torch.set_num_threads(threads)
     vols, structs = D.volumes(), D.structures()
     chest, chest_m = D.read(D.DATA / "chest_ct" / "chest_ct.nii.gz")
@@ -168,8 +169,10 @@ def end_to_end(args, threads: int, cache_root: Path) -> dict:
     }
     models_by_runtime = {rt: models.load_model("litemedsam", runtime=rt, threads=threads, cache_dir=cache_root)
                          for rt in ("torch", "auto")}
-    out = {}
+    out = {} if out is None else out
     for target, ((array, matrix), gt) in targets.items():
+        if target not in args.e2e_targets:
+            continue
         ks = np.nonzero(gt.any(axis=(1, 2)))[0]
         if len(ks) > args.e2e_slices:  # the middle e2e_slices slices of the structure
             mid = (ks[0] + ks[-1]) // 2
@@ -205,6 +208,7 @@ def end_to_end(args, threads: int, cache_root: Path) -> dict:
                                                                               masks["new_without_encode_ahead"]))
         out[target] = row
         logging.warning("%s %s", target, row)
+        save()
     return out
 
 
@@ -219,6 +223,9 @@ def main(argv=None):
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--compile", action="store_true", help="also torch.compile (30-220 s compile)")
     p.add_argument("--slow-bf16", action="store_true", help="measure bf16 even without native bf16")
+    p.add_argument("--e2e-first", action="store_true", help="end to end before the encoder rounds")
+    p.add_argument("--e2e-targets", nargs="+", default=["Hippocampus_L", "aorta_chest_ct"])
+    p.add_argument("--cache-dir", help="export cache to use (default: a fresh temporary one)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -230,23 +237,31 @@ def main(argv=None):
               "onnxruntime": "not measured: torch.onnx.export needs the 'onnx' package (not installed)",
               "bf16": "measured" if cpu.native_bf16 or args.slow_bf16 else
                       "not measured: this CPU has no native bf16 (AVX512-BF16 / AMX)",
-              "load_average_start": list(__import__("os").getloadavg()), "config": vars(args)}
+              "load_average_start": list(os.getloadavg()), "config": vars(args)}
     print(json.dumps({"cpu": result["cpu"]}), flush=True)
     volume = D.volumes()["mri"]
-    with tempfile.TemporaryDirectory(prefix="medfm-bench-cache-") as cache_root:
-        for threads in args.threads:
-            result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, Path(cache_root))
-            logging.warning("threads %d done: %s", threads, {k: v.get("ratio_to_torch_eager_fp32")
-                                                              for k, v in result[f"encoder_threads_{threads}"].items()
-                                                              if isinstance(v, dict) and "times" in v})
+
+    def save():  # after every section: a run stopped early keeps what it measured
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["load_average_now"] = list(os.getloadavg())
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+    with tempfile.TemporaryDirectory(prefix="medfm-bench-cache-") as tmp:
+        cache_root = Path(args.cache_dir or tmp)  # a fresh cache: the export cost is measured
+        if not args.e2e_first:
+            for threads in args.threads:
+                result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)
+                save()
         if not args.no_e2e:
-            result[f"end_to_end_threads_{args.e2e_threads}"] = end_to_end(args, args.e2e_threads, Path(cache_root))
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["load_average_end"] = list(__import__("os").getloadavg())
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+            end_to_end(args, args.e2e_threads, cache_root, save, out=result.setdefault(f"end_to_end_threads_{args.e2e_threads}", {}))
+            save()
+        if args.e2e_first:
+            for threads in args.threads:
+                result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)
+                save()
+    save()
+    print(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
