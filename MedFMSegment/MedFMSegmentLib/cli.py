@@ -41,7 +41,7 @@ def _session(args):
 
     return PromptSession(model=args.model, device=args.device, checkpoint=args.checkpoint,
                          allow_unverified=args.allow_unverified, precision=args.precision,
-                         compile=args.compile)
+                         compile=args.compile, runtime=args.runtime, threads=args.threads)
 
 
 def _check_outputs(paths: List[Optional[str]], overwrite: bool) -> None:
@@ -225,10 +225,24 @@ def cmd_detect_segment(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import REGISTRY
+    """The registry, then where models would run on this machine and why (nothing is loaded)."""
+    import torch
+
+    from . import runtimes
+    from .models import REGISTRY, choose_device
 
     for spec in REGISTRY.values():
         print(f"{spec.id:14s} {'embedded' if spec.embedded else 'checkpoint path':16s} {spec.description}")
+    cpu = runtimes.cpu_info()
+    device = choose_device(args.device)
+    plan = runtimes.plan_runtime(runtimes.check_runtime(args.runtime), runtimes.check_precision(args.precision),
+                                 device.device.type, cpu, runtimes.openvino_available())
+    threads, why = runtimes.choose_threads(args.threads)
+    info = {"device": str(device.device), "device_reason": device.reason, "runtime": plan.runtime,
+            "precision": plan.precision, "reason": plan.reason, "threads": min(threads, torch.get_num_threads())
+            if args.threads is None else threads, "threads_reason": why, "cpu": cpu.as_dict(),
+            "cache_dir": str(runtimes.default_cache_dir())}
+    print("runtime " + json.dumps(info), file=sys.stderr)  # stdout stays the registry, one model a line
     return 0
 
 
@@ -236,12 +250,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="litemedsam", help="model id (see `medfm models`), default litemedsam")
     p.add_argument("--checkpoint", help="checkpoint file for models whose weights are not embedded")
     p.add_argument("--allow-unverified", action="store_true", help="accept a checkpoint whose sha256 is unknown or differs")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="bf16 encoder weights: faster only on GPUs and CPUs with native bf16 (AVX512-BF16/AMX)")
+    _runtime_options(p)
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the image encoder: same masks, 1.6x faster on CPU after a 30-70 s compile; "
-                        "pays off on long jobs (propagation, batch)")
+                   help="torch.compile the image encoder (torch runtime): same masks, 1.6x faster on CPU after a "
+                        "30-70 s compile; pays off on long jobs (propagation, batch)")
     p.add_argument("--preset", help="intensity preset (auto, ct-soft-tissue, ct-bone, ct-lung, ct-brain, ct-full, mr)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -251,6 +263,19 @@ def _cohort_options(p: argparse.ArgumentParser) -> None:
                    help="run the cases on Dask: local, local:N, tcp://HOST:PORT, slurm:CONFIG.yaml, pbs:CONFIG.yaml")
     p.add_argument("--retries", type=int, default=2, choices=range(0, 11), metavar="N",
                    help="--cluster: times a case is rerun after its worker died (default 2)")
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    from .runtimes import PRECISIONS, RUNTIMES
+
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="where the encoder runs: auto (CUDA/MPS torch on a GPU, else OpenVINO on the CPU), torch, "
+                        "openvino, onnxruntime (needs the onnx package; else torch)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="default: per machine (bf16 only on CPUs with native bf16 and only if its masks agree "
+                        "with fp32)")
+    p.add_argument("--threads", type=int, help="inference threads (default: $MEDFM_THREADS, else the free cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.set_defaults(func=cmd_detect_segment)
 
-    p = sub.add_parser("models", help="list the model registry")
+    p = sub.add_parser("models", help="list the model registry and the runtime this machine would use")
+    _runtime_options(p)
     p.set_defaults(func=cmd_models)
 
     try:  # the trainer adds `medfm tune`; imported here only to build its parser (no torch work)

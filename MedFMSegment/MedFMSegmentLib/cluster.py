@@ -174,10 +174,13 @@ class MedFMWorkerPlugin(WorkerPlugin):
             import torch
 
             torch.set_num_threads(self.torch_threads)
+            # the OpenVINO / ONNX Runtime encoders take their thread count from here (runtimes.choose_threads)
+            os.environ.setdefault("MEDFM_THREADS", str(self.torch_threads))
 
     def session(self, job: batch.Job):
         key = json.dumps({k: getattr(job.options, k, None) for k in
-                          ("model", "checkpoint", "device", "precision", "compile", "allow_unverified")},
+                          ("model", "checkpoint", "device", "precision", "compile", "allow_unverified",
+                           "runtime", "threads")},
                          sort_keys=True, default=str)
         if key not in self.sessions:
             self.sessions[key] = self.make_session(job.options)

@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from functools import partial
@@ -230,7 +231,13 @@ def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
 
 @dataclass
 class PromptableModel:
-    """A loaded SAM-family model on a device, with the two calls the session needs."""
+    """A loaded SAM-family model on a device, with the two calls the session needs.
+
+    ``runtime`` says where the image encoder runs (``torch`` or ``openvino``; see runtimes.py) and
+    ``runtime_info`` why, on which CPU, with how many threads, plus the export cache and its check.
+    The mask decoder runs on the same runtime while the torch decoder is unmodified (an adapter's
+    LoRA layers are injected into the torch decoder: then the decoder runs in torch).
+    """
 
     spec: ModelSpec
     net: nn.Module
@@ -240,8 +247,13 @@ class PromptableModel:
     checkpoint_sha256: str
     precision: str = "fp32"
     compiled: bool = False  # run the image encoder through torch.compile (built at the first encode)
+    runtime: str = "torch"
+    runtime_info: dict = field(default_factory=dict)
     _encoder: Optional[Callable] = field(default=None, repr=False)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
+    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, pe, sparse, dense) -> [masks, iou]
+    _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
 
     @property
     def input_size(self) -> int:
@@ -259,6 +271,13 @@ class PromptableModel:
     def encode(self, image01: np.ndarray) -> torch.Tensor:
         """Image embedding of one (S, S) model-input image in [0, 1]."""
         x = self.model_input(image01)
+        if self._fast_encoder is not None:
+            return torch.from_numpy(self._fast_encoder(x.cpu().numpy())[0])
+        return self.torch_encode(x)
+
+    @torch.inference_mode()
+    def torch_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch encoder on a (1, 3, S, S) model input (whatever the runtime)."""
         if self.precision == "bf16":
             x = x.to(torch.bfloat16)
         return self._image_encoder()(x.contiguous(memory_format=torch.channels_last)).float()
@@ -276,14 +295,18 @@ class PromptableModel:
                     self._encoder = self.net.image_encoder
             return self._encoder
 
+    def _decoder_unmodified(self) -> bool:
+        return _module_count(self.net.mask_decoder) == self._decoder_signature
+
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
-               mask_logits: Optional[torch.Tensor] = None, multimask: bool = False):
+               mask_logits: Optional[torch.Tensor] = None, multimask: bool = False, fast: bool = True):
         """Run prompt encoder + mask decoder on a cached embedding.
 
         Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
         for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
-        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``).
+        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``). ``fast=False``
+        forces the torch decoder.
         """
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         boxes = points = None
@@ -295,10 +318,19 @@ class PromptableModel:
             points = (coords, labels)
         masks = mask_logits[None, None] if mask_logits is not None and mask_logits.dim() == 2 else mask_logits
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
+        if fast and self._fast_decoder is not None and sparse.shape[1] > 0 and self._decoder_unmodified():
+            all_masks, all_iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(),
+                                                    dense.cpu().numpy())
+            pick = slice(1, None) if multimask else slice(0, 1)
+            return torch.from_numpy(all_masks[0, pick]), all_iou[0, pick].astype(np.float32)
         logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                          multimask_output=multimask)
         return logits[0], iou[0].float().cpu().numpy()
+
+
+def _module_count(module: nn.Module) -> int:
+    return sum(1 for _ in module.modules())
 
 
 def _first_mismatch(message: str) -> str:
@@ -324,19 +356,32 @@ def _verify_checksum(path: Path, expected: Optional[str], allow_unverified: bool
 
 def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[str] = None,
                expected_sha256: Optional[str] = None, allow_unverified: bool = False,
-               precision: str = "fp32", compile: bool = False) -> PromptableModel:
-    """Build a registered model and load its weights, verified by sha256.
+               precision: Optional[str] = None, compile: bool = False, runtime: Optional[str] = "auto",
+               threads: Optional[int] = None, cache_dir=None) -> PromptableModel:
+    """Build a registered model and load its weights, verified by sha256; pick where it runs.
 
-    ``checkpoint`` is required for non-embedded models. The image encoder always runs channels_last
-    (the same numbers, measured 1.2x faster on CPU). ``precision`` is ``fp32`` or ``bf16`` (bf16
-    encoder weights: fast only on CPUs with native bf16, AVX512-BF16 / AMX, and on GPUs; 5x *slower*
-    on an AVX2 CPU, measured). ``compile=True`` runs the encoder through ``torch.compile``: masks
-    identical to fp32 eager (max abs embedding difference 3e-6), 1.6x faster on an AVX2 CPU, after a
-    one-off compilation of 30-70 s at the first encode (see Testing/benchmarks/bench_2d.py --latency).
+    ``checkpoint`` is required for non-embedded models. ``runtime`` (``auto``, ``torch``, ``openvino``,
+    ``onnxruntime``) and ``precision`` (None = per machine, ``fp32``, ``bf16``) are chosen as in
+    :func:`runtimes.plan_runtime`; an OpenVINO model is exported from these weights at first use into
+    ``cache_dir`` (default :func:`runtimes.default_cache_dir`), checked against torch on a probe image,
+    and replaced by torch (one log line) when the export or the check fails. ``threads``: inference
+    threads (default: the free cores, at most torch's thread count; see :func:`runtimes.choose_threads`).
+
+    The torch encoder runs channels_last (the same numbers, measured 1.2x faster on CPU). torch bf16
+    is fast only on CPUs with native bf16 (AVX512-BF16 / AMX) and on GPUs (5x *slower* on an AVX2 CPU,
+    measured). ``compile=True`` (torch runtime) runs the encoder through ``torch.compile``: same masks,
+    1.6x faster on an AVX2 CPU after a one-off compilation of 30-70 s at the first encode.
     """
+    from . import runtimes
+
     spec = get_spec(model_id)
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"unknown precision {precision!r}: use fp32 or bf16")
+    runtime = runtimes.check_runtime(runtime)
+    precision = runtimes.check_precision(precision)
+    n_threads, threads_reason = runtimes.choose_threads(threads)
+    if threads is not None or os.environ.get("MEDFM_THREADS"):
+        torch.set_num_threads(n_threads)
+    elif n_threads > torch.get_num_threads():
+        n_threads, threads_reason = torch.get_num_threads(), f"torch's thread count ({threads_reason})"
     if checkpoint is None:
         if not spec.embedded:
             raise ModelError(f"model {model_id!r} needs a checkpoint path (its weights are not embedded)")
@@ -345,6 +390,13 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         path = _check_checkpoint_file(Path(os.fspath(checkpoint)).expanduser())
     sha = _verify_checksum(path, expected_sha256 or spec.sha256, allow_unverified, model_id)
     choice = choose_device(device)
+    cpu = runtimes.cpu_info()
+    if compile and runtime == "auto":
+        runtime = "torch"
+    plan = runtimes.plan_runtime(runtime, precision, choice.device.type, cpu, runtimes.openvino_available())
+    if compile and plan.runtime != "torch":
+        log.warning("compile=True applies to the torch runtime only; ignored for %s", plan.runtime)
+        compile = False
     state = load_state_dict_file(path, map_location="cpu")
     net = spec.builder()
     try:
@@ -358,16 +410,210 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     net.eval().requires_grad_(False).to(choice.device)
     net.image_encoder.to(memory_format=torch.channels_last)
-    if precision == "bf16":
+    torch_precision = plan.precision if plan.runtime == "torch" else "fp32"
+    if torch_precision == "bf16":
         net.image_encoder.to(torch.bfloat16)
-        if choice.device.type == "cpu" and not _cpu_has_native_bf16():
-            log.warning("bf16 on a CPU without native bf16 (capability %s) is slower than fp32",
-                        torch.backends.cpu.get_cpu_capability())
-    log.info("loaded model %s from %s (sha256 %s…) on %s, %s%s", model_id, path, sha[:12], choice.device,
-             precision, ", compiled encoder" if compile else "")
-    return PromptableModel(spec, net, choice.device, choice.reason, str(path), sha, precision, bool(compile))
+        if choice.device.type == "cpu" and not cpu.native_bf16:
+            log.warning("bf16 on a CPU without native bf16 (%s) is slower than fp32", cpu.model)
+    model = PromptableModel(spec, net, choice.device, choice.reason, str(path), sha, torch_precision,
+                            bool(compile))
+    info = {"runtime": "torch", "precision": torch_precision, "device": str(choice.device),
+            "device_reason": choice.reason, "threads": n_threads, "threads_reason": threads_reason,
+            "torch_threads": torch.get_num_threads(), "decoder": "torch", "reason": plan.reason,
+            "compiled": bool(compile), "cpu": cpu.as_dict()}
+    if plan.runtime == "openvino":
+        _use_openvino(model, plan.precision, n_threads, cache_dir, info)
+    model.runtime, model.runtime_info = info["runtime"], info
+    log.info("loaded model %s from %s (sha256 %s…): %s", model_id, path, sha[:12], describe(info))
+    return model
 
 
-def _cpu_has_native_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in capability or "AMX" in capability
+def describe(info: dict) -> str:
+    """One line: runtime, precision, decoder, threads, CPU, ISA flags and the reason."""
+    cpu = info.get("cpu", {})
+    return (f"encoder on {info['runtime']} {info['precision']} ({info['device']}), decoder on {info['decoder']}, "
+            f"{info['threads']} threads ({info['threads_reason']}); CPU {cpu.get('model')} "
+            f"[{' '.join(cpu.get('isa_flags', []))}]; reason: {info['reason']}")
+
+
+class _EncoderInput(nn.Module):
+    """The image encoder as exported: (1, 3, S, S) normalised input -> embedding."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+class _DecoderCore(nn.Module):
+    """The mask decoder as exported: all four masks and IoUs (the caller picks single or multimask)."""
+
+    def __init__(self, mask_decoder: nn.Module):
+        super().__init__()
+        self.mask_decoder = mask_decoder
+
+    def forward(self, image_embeddings, image_pe, sparse, dense):
+        return self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+
+
+def _probe_masks(model: PromptableModel, embedding: torch.Tensor, decoder=None) -> list:
+    """Masks (logits > 0) of the probe boxes decoded from ``embedding`` (torch decoder unless given)."""
+    from . import runtimes
+
+    out = []
+    for box in runtimes.probe_boxes(model.input_size):
+        if decoder is None:
+            logits, _ = model.decode(embedding, box_xy_model=box, fast=False)
+        else:
+            logits, _ = decoder(embedding, box)
+        out.append(logits.numpy())
+    return out
+
+
+def _use_openvino(model: PromptableModel, precision: str, threads: int, cache_dir, info: dict) -> None:
+    """Put the encoder (and the decoder) on OpenVINO, exported and checked; torch where that fails."""
+    from . import runtimes
+
+    try:
+        root = runtimes.cache_dir(cache_dir)
+        version = runtimes.openvino_version()
+        probe = _Probe(model)
+    except Exception as exc:  # openvino broken at import, no cache folder: stay correct on torch
+        log.warning("OpenVINO unavailable (%s: %s); the encoder runs on torch", type(exc).__name__, exc)
+        info["reason"] += f"; OpenVINO failed ({type(exc).__name__}: {exc}), torch fp32"
+        return
+    identity = {"model": model.spec.id, "weights_sha256": model.checkpoint_sha256, "runtime": "openvino",
+                "runtime_version": version, "input_size": model.input_size}
+    precisions = [precision] + (["fp32"] if precision == "bf16" else [])
+    for prec in precisions:
+        try:
+            encoder, entry, manifest, seconds = _openvino_encoder(model, prec, threads, root, identity, probe)
+        except Exception as exc:
+            log.warning("OpenVINO %s export of %s failed (%s: %s); the encoder runs on torch fp32", prec,
+                        model.spec.id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            info["reason"] += f"; OpenVINO export failed ({type(exc).__name__}), torch fp32"
+            return
+        check = manifest.get("check", {})
+        info.setdefault("exports", {})[f"encoder_{prec}"] = {"cache": str(entry), "export_seconds": round(seconds, 2),
+                                                             "cached": seconds == 0.0, "check": check}
+        if runtimes.check_passed(check, prec):
+            model._fast_encoder = encoder
+            info.update(runtime="openvino", precision=prec)
+            model.precision = prec
+            break
+        log.warning("OpenVINO %s encoder of %s failed its check against torch fp32 (%s)%s", prec, model.spec.id,
+                    check, "; trying fp32" if prec == "bf16" else "; the encoder runs on torch fp32")
+        info["reason"] += f"; {prec} failed its check ({check})"
+    if model._fast_encoder is None:
+        return
+    try:
+        _attach_openvino_decoder(model, threads, root, identity, probe, info)
+    except Exception as exc:
+        log.warning("OpenVINO export of the mask decoder failed (%s: %s); it runs on torch", type(exc).__name__, exc)
+
+
+class _Probe:
+    """The probe image, its torch fp32 embedding and probe-box logits, computed only when needed."""
+
+    def __init__(self, model: PromptableModel):
+        from . import runtimes
+
+        self.model = model
+        self.input = model.model_input(runtimes.probe_image(model.input_size)).contiguous()
+        self._reference = self._logits = None
+
+    @property
+    def reference(self) -> torch.Tensor:
+        if self._reference is None:
+            self._reference = self.model.torch_encode(self.input)
+        return self._reference
+
+    @property
+    def logits(self) -> list:
+        if self._logits is None:
+            self._logits = _probe_masks(self.model, self.reference)
+        return self._logits
+
+
+def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
+    from . import runtimes
+
+    compiled = {}
+
+    def timed(ov_model):
+        t = time.perf_counter()
+        out = ov_model(probe.input.numpy())[0]
+        return out, time.perf_counter() - t
+
+    def export(folder: Path) -> dict:
+        t0 = time.perf_counter()
+        xml = runtimes.export_openvino(_EncoderInput(model.net.image_encoder), (probe.input,), folder)
+        convert_s = time.perf_counter() - t0
+        ov_model = runtimes.OpenVINOModel(xml, prec, threads)
+        timed(ov_model)  # first call: allocations
+        out, seconds = timed(ov_model)
+        emb = torch.from_numpy(out)
+        check = {"max_abs_diff": float((emb - probe.reference).abs().max()),
+                 "agreement_dice": runtimes.mask_agreement(probe.logits, _probe_masks(model, emb)),
+                 "seconds": round(seconds, 4), "threads": threads}
+        if prec == "bf16":
+            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads)
+            timed(fp32)
+            check["fp32_seconds"] = round(timed(fp32)[1], 4)
+        compiled["model"] = ov_model
+        return {"check": check, "convert_seconds": round(convert_s, 2)}
+
+    entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
+    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads)
+    return ov_model, entry, manifest, seconds
+
+
+def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
+    from . import runtimes
+
+    pe, md = model.net.prompt_encoder, model.net.mask_decoder
+    with torch.inference_mode():
+        dense_pe = pe.get_dense_pe()
+        sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
+    emb_shape = [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])]  # the embedding grid
+    compiled = {}
+
+    def make_decoder(ov_model):
+        dense_pe_np = dense_pe.cpu().numpy()
+        return lambda emb, sp, de: ov_model(emb, dense_pe_np, sp, de)
+
+    def as_decode(decoder):
+        def run(emb, box):
+            with torch.inference_mode():
+                sp, de = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
+            masks, iou = decoder(emb.numpy(), sp.numpy(), de.numpy())
+            return torch.from_numpy(masks[0, :1]), iou
+        return run
+
+    def export(folder: Path) -> dict:
+        reference, ref_masks = probe.reference, probe.logits
+        xml = runtimes.export_openvino(_DecoderCore(md), (reference, dense_pe, sparse, dense), folder,
+                                       input_shapes=[emb_shape, list(dense_pe.shape), [1, -1, sparse.shape[-1]],
+                                                     list(dense.shape)])
+        ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
+        decoder = make_decoder(ov_model)
+        masks = _probe_masks(model, reference, as_decode(decoder))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(masks, ref_masks))
+        compiled["model"] = ov_model
+        return {"check": {"max_abs_diff": diff, "agreement_dice": runtimes.mask_agreement(ref_masks, masks)}}
+
+    entry, manifest, seconds = runtimes.cached_export(root, "decoder", {**identity, "precision": "fp32",
+                                                                       "embedding": emb_shape}, export)
+    check = manifest.get("check", {})
+    info.setdefault("exports", {})["decoder"] = {"cache": str(entry), "export_seconds": round(seconds, 2),
+                                                 "cached": seconds == 0.0, "check": check}
+    # logits, not embeddings: a looser absolute bound (logits are ~10x larger), the same mask agreement
+    if check.get("agreement_dice", 0.0) < runtimes.MIN_AGREEMENT["fp32"] or check.get("max_abs_diff", 1.0) > 1e-2:
+        log.warning("OpenVINO mask decoder failed its check against torch (%s); it runs on torch", check)
+        return
+    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", "fp32", threads)
+    model._fast_decoder = make_decoder(ov_model)
+    model._decoder_signature = _module_count(md)
+    info["decoder"] = "openvino"

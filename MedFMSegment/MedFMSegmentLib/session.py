@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import geometry
+from . import geometry, runtimes
 from .errors import InputError
 from .models import PromptableModel, load_model
 from .preprocess import Crop, box_crop, full_slice_crop, model_to_slice, normalise_volume, slice_to_model
@@ -48,14 +48,23 @@ BoxXY = Tuple[float, float, float, float]
 
 
 class EmbeddingCache:
-    """Thread-safe LRU of image embeddings, bounded in bytes."""
+    """Thread-safe LRU of image embeddings, bounded in bytes.
 
-    def __init__(self, max_bytes: int = 2 << 30):
+    ``dtype=torch.float16`` stores embeddings at half the size (``get`` returns float32 again; masks
+    from fp16-stored embeddings agree with fp32 at Dice >= 0.999, see Testing/benchmarks/bench_latency.py);
+    None stores them as given.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30, dtype: Optional[torch.dtype] = None):
         self.max_bytes = int(max_bytes)
+        self.dtype = dtype
         self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+
+    def _out(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb.float() if self.dtype is not None else emb
 
     def get(self, key) -> Optional[torch.Tensor]:
         with self._lock:
@@ -65,18 +74,25 @@ class EmbeddingCache:
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return emb
+        return self._out(emb)
 
-    def put(self, key, emb: torch.Tensor) -> None:
-        size = emb.element_size() * emb.nelement()
+    def put(self, key, emb: torch.Tensor) -> torch.Tensor:
+        """Store ``emb``; returns the embedding exactly as ``get`` will return it."""
+        stored = emb.to(self.dtype) if self.dtype is not None else emb
+        size = stored.element_size() * stored.nelement()
         with self._lock:
             if key in self._items:
-                return
-            self._items[key] = emb
+                return self._out(self._items[key])
+            self._items[key] = stored
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= old.element_size() * old.nelement()
+        return self._out(stored)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)
@@ -107,6 +123,15 @@ class SessionConfig:
     # cerebellum, CT) 0.49 -> 0.46. Full pipeline, all structures: 1 click 0.467 -> 0.535.
     click_touch_penalty: float = 1.0
     click_size_penalty: float = 0.05
+    # A slice prompted or propagated through a window offers that window to its neighbours: a
+    # neighbour's box that fits it (see _crop_fits) is encoded through the same window, so the
+    # neighbour can be encoded ahead, before its box is known. The windows do not depend on
+    # encode_ahead: masks are identical with and without encoding ahead.
+    reuse_window: bool = True
+    encode_ahead: int = 1  # slices encoded in the background ahead of the walking direction (0: off)
+    # Also encode both neighbours of a slice the user prompts (for an interactive viewer; off by
+    # default: on 2 cores it competes with the decoder, and scripts rarely move to a neighbour).
+    encode_neighbours: bool = False
 
 
 @dataclass
@@ -157,10 +182,11 @@ class PromptSession:
     """Promptable segmentation of one object in one volume (see module docstring)."""
 
     def __init__(self, model: Union[str, PromptableModel] = "litemedsam", device: Optional[str] = None,
-                 cache: Optional[EmbeddingCache] = None, cache_bytes: int = 2 << 30,
+                 cache: Optional[EmbeddingCache] = None, cache_bytes: int = 256 << 20,
                  config: Optional[SessionConfig] = None, **model_kwargs):
+        runtimes.limit_heap_fragmentation()  # embeddings freed by the LRU return to the OS
         self.model = model if isinstance(model, PromptableModel) else load_model(model, device=device, **model_kwargs)
-        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, dtype=torch.float16)
         self.config = config or SessionConfig()
         self.adapter = None  # an object with .applied(model) context manager (MedFMTrainLib adapters)
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -170,6 +196,14 @@ class PromptSession:
         self._token = None
         self._states: Dict[SliceKey, SliceState] = {}
         self._history: List[Tuple[SliceKey, Optional[SliceState]]] = []
+        self._windows: Dict[SliceKey, Crop] = {}  # window offered to a slice by its neighbour
+        self._last_index: Dict[str, int] = {}  # per axis: the slice last prompted or propagated
+        self._ahead: set = set()  # keys encoding ahead (cancelled when the user moves away)
+
+    @property
+    def runtime_info(self) -> dict:
+        """Where the model runs and why (runtime, precision, threads, CPU and ISA flags): for reports."""
+        return dict(getattr(self.model, "runtime_info", {}) or {"runtime": "torch", "device": str(self.model.device)})
 
     # ------------------------------------------------------------------ volume
     _tokens = itertools.count()
@@ -186,6 +220,8 @@ class PromptSession:
         self._token = (next(self._tokens), id(volume_u8))
         self._states.clear()
         self._history.clear()
+        self._windows.clear()
+        self._last_index.clear()
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -230,6 +266,7 @@ class PromptSession:
     def embedding(self, axis: str, index: int, crop: Crop) -> torch.Tensor:
         """The image embedding of a slice through ``crop`` (cached; waits for a prefetch in flight)."""
         key = self._key(axis, index, crop)
+        self._cancel_far(axis, index)
         emb = self.cache.get(key)
         if emb is not None:
             return emb
@@ -244,9 +281,46 @@ class PromptSession:
 
     def _encode(self, key, axis, index, crop) -> torch.Tensor:
         image = slice_to_model(geometry.get_slice(self._volume_u8, axis, index), crop)
-        emb = self.model.encode(image)
-        self.cache.put(key, emb)
-        return emb
+        return self.cache.put(key, self.model.encode(image))
+
+    def _cancel_far(self, axis: str, index: int) -> None:
+        """The user moved: cancel queued encode-ahead work not next to slice ``index`` of ``axis``."""
+        reach = max(self.config.encode_ahead, 1)
+        with self._futures_lock:
+            far = [k for k in self._ahead if k[4] != axis or abs(k[5] - index) > reach]
+            futures = [self._futures.get(k) for k in far]
+            self._ahead.difference_update(far)
+        for fut in futures:
+            if fut is not None:
+                fut.cancel()
+
+    def _window(self, axis: str, index: int, box_xy: BoxXY) -> Crop:
+        """The window for a new slice: the one its neighbour offered if the box fits in it."""
+        offered = self._windows.get((axis, index)) if self.config.reuse_window else None
+        if offered is not None and self._crop_fits(axis, offered, box_xy):
+            return offered
+        return self.crop_for(axis, box_xy)
+
+    def _offer_window(self, axis: str, index: int, crop: Crop, walking: bool) -> None:
+        """Offer ``crop`` to the neighbours of slice ``index`` and encode them ahead: when ``walking``
+        (propagation), the next slice(s) in the direction of the walk, else both neighbours."""
+        if not self.config.reuse_window:
+            return
+        last = self._last_index.get(axis)
+        self._last_index[axis] = index
+        n = geometry.num_slices(self._volume_u8.shape, axis)
+        walking = walking and last is not None and last != index
+        steps = [int(np.sign(index - last))] if walking else [-1, 1]
+        if len(steps) == 1:
+            depth = self.config.encode_ahead
+        else:
+            depth = min(self.config.encode_ahead, 1) if self.config.encode_neighbours else 0
+        for step in steps:
+            if 0 <= index + step < n:
+                self._windows[(axis, index + step)] = crop
+            ahead = [index + step * d for d in range(1, depth + 1) if 0 <= index + step * d < n]
+            if ahead:
+                self._submit(axis, ahead, crop, ahead=True)
 
     def prefetch(self, axis: str, indices: Sequence[int], box_xy: Optional[BoxXY] = None) -> List[Future]:
         """Encode slices in the background (one worker thread); returns futures that can be cancelled."""
@@ -256,16 +330,21 @@ class PromptSession:
         if not checked:
             return []
         crop = self.crop_for(axis, None if box_xy is None else self._check_box(axis, checked[0], box_xy))
+        return self._submit(axis, checked, crop)
+
+    def _submit(self, axis: str, checked: Sequence[int], crop: Crop, ahead: bool = False) -> List[Future]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfm-encode")
         futures = []
         for index in checked:
             key = self._key(axis, index, crop)
             with self._futures_lock:
-                if self.cache.get(key) is not None or key in self._futures:
+                if key in self.cache or key in self._futures:
                     continue
                 fut = self._executor.submit(self._encode, key, axis, index, crop)
                 self._futures[key] = fut
+                if ahead:
+                    self._ahead.add(key)
             fut.add_done_callback(lambda f, k=key: self._forget(k))
             futures.append(fut)
         return futures
@@ -273,12 +352,14 @@ class PromptSession:
     def _forget(self, key):
         with self._futures_lock:
             self._futures.pop(key, None)
+            self._ahead.discard(key)
 
     def cancel_prefetch(self) -> None:
         """Cancel queued encodes (one already running finishes and is cached)."""
         with self._futures_lock:  # Future.cancel runs done-callbacks, which take this lock: cancel outside it
             futures = list(self._futures.values())
             self._futures.clear()
+            self._ahead.clear()
         for fut in futures:
             fut.cancel()
 
@@ -322,7 +403,7 @@ class PromptSession:
             lbl = [1 if pos else 0 for _, pos in points]
         ctx = self.adapter.applied(self.model) if self.adapter is not None else _null_context()
         with ctx:
-            logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input)
+            logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input, fast=self.adapter is None)
         shape = geometry.slice_shape(self._volume_u8.shape, axis)
         logits = model_to_slice(logits_model[0], crop, shape)
         mask = (logits > self.config.mask_threshold).astype(np.uint8)
@@ -349,7 +430,9 @@ class PromptSession:
         self._require_volume()
         index = geometry.check_index(self._volume_u8.shape, axis, index)
         box = self._check_box(axis, index, box_xy)
-        _, score, mask = self.predict(axis, index, box)
+        crop = self._window(axis, index, box)
+        self._offer_window(axis, index, crop, walking=True)
+        _, score, mask = self.predict(axis, index, box, crop=crop)
         return SliceResult(axis, index, mask, score, box)
 
     # ----------------------------------------------------------------- prompts
@@ -393,8 +476,11 @@ class PromptSession:
         if state.box_xy is None:  # only negative clicks so far: nothing to segment
             mask, score = np.zeros(geometry.slice_shape(self._volume_u8.shape, axis), np.uint8), 0.0
         else:
-            if state.crop is None or not self._crop_fits(axis, state.crop, state.box_xy):
+            if state.crop is None:
+                state.crop = self._window(axis, index, state.box_xy)
+            elif not self._crop_fits(axis, state.crop, state.box_xy):
                 state.crop = self.crop_for(axis, state.box_xy)
+            self._offer_window(axis, index, state.crop, walking=False)
             edits = bool(state.points) and "points" not in self.model.spec.trained_with
             _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop,
                                           clear_negatives=not edits)
@@ -521,6 +607,8 @@ class PromptSession:
         """Forget all prompts and results (the volume and cached embeddings stay)."""
         self._states.clear()
         self._history.clear()
+        self._windows.clear()
+        self._last_index.clear()
 
     def save_prompts(self) -> tuple:
         """An opaque copy of every prompt, result and the undo history (for ``restore_prompts``)."""

@@ -57,12 +57,28 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def medfm_cache_dir(tmp_path_factory):
+    """One temporary model-export cache for the test run (``$MEDFM_CACHE_DIR``, inherited by CLI
+    subprocesses): the OpenVINO export of the default model happens at most once per run and never
+    touches the user's own cache."""
+    path = tmp_path_factory.mktemp("medfm-cache")
+    old = os.environ.get("MEDFM_CACHE_DIR")
+    os.environ["MEDFM_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MEDFM_CACHE_DIR", None)
+    else:
+        os.environ["MEDFM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def litemedsam():
-    """The embedded LiteMedSAM model on the CPU, loaded once for the whole test run (do not modify it)."""
+    """The embedded LiteMedSAM model on the CPU and the torch runtime (the reference-parity tests compare
+    torch with the reference), loaded once for the whole test run (do not modify it)."""
     from MedFMSegmentLib import models
 
-    return models.load_model("litemedsam", device="cpu")
+    return models.load_model("litemedsam", device="cpu", runtime="torch")
 
 
 def _read(shared_data: Path, relative: str):

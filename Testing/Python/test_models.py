@@ -121,7 +121,7 @@ def test_encoder_runs_channels_last(litemedsam):
 
 @pytest.mark.slow  # torch.compile builds the encoder: 30-70 s on 2 CPU cores
 def test_compiled_encoder_gives_the_same_embedding(litemedsam, blob_image01, blob_embedding):
-    compiled = models.load_model("litemedsam", device="cpu", compile=True)
+    compiled = models.load_model("litemedsam", device="cpu", runtime="torch", compile=True)
     emb = compiled.encode(blob_image01.numpy())
     assert compiled.compiled and compiled._encoder is not None
     assert float((emb - blob_embedding).abs().max()) <= 1e-4
@@ -171,7 +171,7 @@ def small_vit(monkeypatch):
 
 def test_sam_vit_loads_with_the_given_checksum(small_vit, small_vit_checkpoint):
     path, sha, state = small_vit_checkpoint
-    m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", expected_sha256=sha.upper())
+    m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch", expected_sha256=sha.upper())
     assert m.checkpoint_sha256 == sha and m.checkpoint == str(path) and m.input_size == 1024
     key = "image_encoder.blocks.0.attn.qkv.weight"
     assert torch.equal(m.net.state_dict()[key], state[key])
@@ -180,7 +180,7 @@ def test_sam_vit_loads_with_the_given_checksum(small_vit, small_vit_checkpoint):
 def test_sam_vit_official_checksum_refuses_another_file(small_vit, small_vit_checkpoint):
     path, sha, _ = small_vit_checkpoint
     with pytest.raises(ChecksumError) as info:
-        models.load_model("sam_vit_b", checkpoint=path, device="cpu")
+        models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch")
     msg = str(info.value)
     assert str(path) in msg and sha in msg and models.get_spec("sam_vit_b").sha256 in msg
     assert "allow_unverified" in msg
@@ -189,7 +189,7 @@ def test_sam_vit_official_checksum_refuses_another_file(small_vit, small_vit_che
 def test_sam_vit_allow_unverified_loads_and_warns(small_vit, small_vit_checkpoint, caplog):
     path, sha, _ = small_vit_checkpoint
     with caplog.at_level(logging.WARNING, logger="MedFMSegmentLib.models"):
-        m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", allow_unverified=True)
+        m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch", allow_unverified=True)
     assert m.checkpoint_sha256 == sha
     assert any(sha in r.getMessage() and "differs" in r.getMessage() for r in caplog.records)
 
@@ -199,7 +199,7 @@ def test_sam_vit_encode_decode_matches_segment_anything_predictor(small_vit, sma
     from segment_anything import SamPredictor
 
     path, sha, _ = small_vit_checkpoint
-    m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", expected_sha256=sha)
+    m = models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch", expected_sha256=sha)
     rng = np.random.default_rng(3)
     grey_u8 = rng.integers(0, 256, (1024, 1024), dtype=np.uint8)
     grey_u8[300:700, 400:800] = 200
@@ -224,9 +224,9 @@ def test_sam_vit_encode_decode_matches_segment_anything_predictor(small_vit, sma
 def test_medsam_without_checksum_is_a_clear_error(small_vit, small_vit_checkpoint):
     path, sha, _ = small_vit_checkpoint
     with pytest.raises(ChecksumError, match=r"no known sha256 for model 'medsam_vit_b'.*expected_sha256=") as info:
-        models.load_model("medsam_vit_b", checkpoint=path, device="cpu")
+        models.load_model("medsam_vit_b", checkpoint=path, device="cpu", runtime="torch")
     assert str(path) in str(info.value) and sha in str(info.value)
-    m = models.load_model("medsam_vit_b", checkpoint=path, device="cpu", expected_sha256=sha)
+    m = models.load_model("medsam_vit_b", checkpoint=path, device="cpu", runtime="torch", expected_sha256=sha)
     assert m.spec.normalisation == "unit"
     with pytest.raises(ModelError, match=r"'medsam_vit_b' needs a checkpoint path"):
         models.load_model("medsam_vit_b", device="cpu")
@@ -249,7 +249,7 @@ class PlainObject:
 
 
 def _load(path, **kw):
-    return models.load_model("sam_vit_b", checkpoint=path, device="cpu", allow_unverified=True, **kw)
+    return models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch", allow_unverified=True, **kw)
 
 
 def test_missing_checkpoint(tmp_path):
@@ -269,7 +269,7 @@ def test_empty_checkpoint(tmp_path):
     path = tmp_path / "empty.pth"
     path.write_bytes(b"")
     with pytest.raises(ModelError, match=rf"checkpoint is empty \(0 bytes\): {re.escape(str(path))}"):
-        models.load_model("sam_vit_b", checkpoint=path, device="cpu")  # before any checksum talk
+        models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch")  # before any checksum talk
 
 
 def test_truncated_checkpoint(tmp_path, small_vit_checkpoint):
@@ -322,7 +322,7 @@ def test_wrong_expected_sha256(small_vit, small_vit_checkpoint):
     path, sha, _ = small_vit_checkpoint
     wrong = "0" * 64
     with pytest.raises(ChecksumError) as info:
-        models.load_model("sam_vit_b", checkpoint=path, device="cpu", expected_sha256=wrong)
+        models.load_model("sam_vit_b", checkpoint=path, device="cpu", runtime="torch", expected_sha256=wrong)
     msg = str(info.value)
     assert "checksum mismatch" in msg and str(path) in msg and sha in msg and wrong in msg
 

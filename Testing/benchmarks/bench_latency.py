@@ -1,0 +1,268 @@
+"""Latency benchmark: every encoder runtime x precision on this machine, in one run; prints JSON.
+
+    python Testing/benchmarks/bench_latency.py [--slices 6] [--rounds 3] [--threads 1 2] [--e2e-slices 40]
+                                               [--compile] [--slow-bf16] [--out FILE]
+
+At the top: the CPU model and ISA flags. Per thread count, rounds interleaved (each round runs every
+runtime over the same slices, in turn):
+- per-slice encoder time (median), its ratio to torch eager fp32 measured in the same rounds;
+- max abs embedding difference and mask agreement (Dice of the masks from each slice's box) with
+  torch fp32; ground-truth Dice on the shared data (deep-grey structures, +5 px boxes) beside the
+  ellipse-in-box baseline;
+- prompt-to-mask with a cached embedding (a second box on an encoded slice), median;
+- the one-time export + check cost (into a fresh cache folder) and the resident size after loading.
+bf16 is measured only on CPUs with native bf16 (``--slow-bf16`` forces it: 5-6x slower on AVX2).
+Also: fp16 storage of embeddings (mask agreement with fp32), and end to end, the 40-slice structures
+(Hippocampus_L ROI on Colin27; the chest CT aorta, 40 axial slices) with today's default (torch eager
+fp32, windows per slice, no encoding ahead) against the new default (auto runtime, reused windows, with
+and without encoding ahead), ground-truth Dice beside the ellipsoid-in-ROI baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment"), str(HERE.parents[1] / "MedFMTrain")]
+
+import datasets as D  # noqa: E402
+from MedFMSegmentLib import geometry, models, runtimes  # noqa: E402
+from MedFMSegmentLib.preprocess import model_to_slice, slice_to_model  # noqa: E402
+from MedFMSegmentLib.propagate import segment_roi  # noqa: E402
+from MedFMSegmentLib.session import PromptSession, SessionConfig  # noqa: E402
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def cases(n: int):
+    """(slice index, +5 px box, ground truth) on axial Colin27 slices of the deep-grey structures."""
+    structs = D.structures()
+    out = []
+    for name in D.DEEP_GREY:
+        mask = structs[name].mask
+        for index in D.sample_slices(mask, "axial", 1):
+            gt = geometry.get_slice(mask, "axial", index)
+            out.append((name, index, D.padded_box(gt, 5), gt))
+    return out[:n]
+
+
+def mask_from(model, emb, crop, box, shape):
+    logits, _ = model.decode(emb, crop.box_to_model(box), fast=False)  # the same (torch) decoder for all
+    return (model_to_slice(logits[0], crop, shape) > 0).astype(np.uint8)
+
+
+def encoder_rounds(args, threads: int, volume, cache_root: Path) -> dict:
+    torch.set_num_threads(threads)
+    ref_session = PromptSession(runtime="torch", threads=threads)
+    ref_session.set_volume(*volume)
+    inputs = []
+    for name, index, box, gt in cases(args.slices):
+        crop = ref_session.crop_for("axial", box)
+        inputs.append((name, index, box, gt, crop, slice_to_model(ref_session.normalised_slice("axial", index), crop)))
+    variants = {"torch_eager_fp32": {"runtime": "torch", "precision": "fp32"}}
+    if args.compile:
+        variants["torch_compile_fp32"] = {"runtime": "torch", "precision": "fp32", "compile": True}
+    native = runtimes.cpu_info().native_bf16
+    if native or args.slow_bf16:
+        variants["torch_bf16"] = {"runtime": "torch", "precision": "bf16"}
+    if runtimes.openvino_available():
+        variants["openvino_fp32"] = {"runtime": "openvino", "precision": "fp32"}
+        if native or args.slow_bf16:
+            variants["openvino_bf16"] = {"runtime": "openvino", "precision": "bf16"}
+    loaded, res = {}, {}
+    for name, kw in variants.items():
+        t = time.perf_counter()
+        m = models.load_model("litemedsam", threads=threads, cache_dir=cache_root, **kw)
+        first = time.perf_counter()
+        m.encode(inputs[0][5])  # warm-up / torch.compile, not timed per slice
+        res[name] = {"load_seconds": round(first - t, 2), "first_encode_seconds": round(time.perf_counter() - first, 2),
+                     "rss_after_load_mb": rss_mb(), "runtime_info": {k: v for k, v in m.runtime_info.items()
+                                                                     if k not in ("cpu",)}, "times": []}
+        loaded[name] = m
+    embs = {name: [None] * len(inputs) for name in variants}
+    for _ in range(args.rounds):  # interleaved: every variant over the same slices, in turn, each round
+        for name, m in loaded.items():
+            for i, inp in enumerate(inputs):
+                t = time.perf_counter()
+                emb = m.encode(inp[5])
+                res[name]["times"].append(time.perf_counter() - t)
+                embs[name][i] = emb
+    ref_model = loaded["torch_eager_fp32"]
+    ref_masks = [mask_from(ref_model, e, inp[4], inp[2], inp[3].shape) for e, inp in zip(embs["torch_eager_fp32"], inputs)]
+    ref_time = statistics.median(res["torch_eager_fp32"]["times"])
+    for name, m in loaded.items():
+        masks = [mask_from(ref_model, e, inp[4], inp[2], inp[3].shape) for e, inp in zip(embs[name], inputs)]
+        med = statistics.median(res[name]["times"])
+        res[name].update(
+            encoder_median_s=round(med, 4), ratio_to_torch_eager_fp32=round(med / ref_time, 3),
+            max_abs_diff=float(max((a - b).abs().max() for a, b in zip(embs[name], embs["torch_eager_fp32"]))),
+            agreement_dice_mean=round(statistics.mean(runtimes.dice(a, b) for a, b in zip(masks, ref_masks)), 5),
+            agreement_dice_min=round(min(runtimes.dice(a, b) for a, b in zip(masks, ref_masks)), 5),
+            gt_dice_mean=round(statistics.mean(D.dice(a, inp[3]) for a, inp in zip(masks, inputs)), 4))
+        res[name]["times"] = [round(t, 3) for t in res[name]["times"]]
+    res["ellipse_in_box_gt_dice_mean"] = round(statistics.mean(D.dice(D.ellipse_in_box(inp[3].shape, inp[2]), inp[3])
+                                                               for inp in inputs), 4)
+    # fp16 storage of the embeddings: masks against fp32 storage
+    f16 = [mask_from(ref_model, e.half().float(), inp[4], inp[2], inp[3].shape)
+           for e, inp in zip(embs["torch_eager_fp32"], inputs)]
+    res["fp16_cache_agreement_dice_min"] = round(min(runtimes.dice(a, b) for a, b in zip(f16, ref_masks)), 5)
+    res["prompt_to_mask"] = prompt_to_mask(args, loaded, volume, inputs)
+    res["slices"] = [f"{inp[0]}@{inp[1]}" for inp in inputs]
+    ref_session.close()
+    del loaded
+    gc.collect()
+    return res
+
+
+def prompt_to_mask(args, loaded, volume, inputs) -> dict:
+    """A second, slightly smaller box on an already encoded slice (decoder + postprocessing only)."""
+    out = {}
+    sessions = {name: PromptSession(loaded[name]) for name in ("torch_eager_fp32", "openvino_fp32") if name in loaded}
+    for s in sessions.values():
+        s.set_volume(*volume)
+        for _, index, box, _, _, _ in inputs:
+            s.add_box("axial", index, box)
+    times = {name: [] for name in sessions}
+    for _ in range(args.rounds):
+        for name, s in sessions.items():
+            for _, index, (x0, y0, x1, y1), _, _, _ in inputs:
+                t = time.perf_counter()
+                s.add_box("axial", index, (x0 + 1, y0 + 1, x1 - 1, y1 - 1))
+                times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        out[name] = {"median_ms": round(1000 * statistics.median(ts), 1), "decoder": loaded[name].runtime_info["decoder"]}
+    for s in sessions.values():
+        s.close()
+    return out
+
+
+def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None) -> dict:
+    torch.set_num_threads(threads)
+    vols, structs = D.volumes(), D.structures()
+    chest, chest_m = D.read(D.DATA / "chest_ct" / "chest_ct.nii.gz")
+    aorta = (D.read(D.DATA / "chest_ct" / "aorta.nii.gz")[0] > 0).astype(np.uint8)
+    targets = {"Hippocampus_L": (vols["mri"], structs["Hippocampus_L"].mask), "aorta_chest_ct": ((chest, chest_m), aorta)}
+    configs = {
+        "today_default_torch_eager": dict(runtime="torch", config=SessionConfig(reuse_window=False, encode_ahead=0)),
+        "new_default": dict(runtime="auto", config=SessionConfig()),
+        "new_without_encode_ahead": dict(runtime="auto", config=SessionConfig(encode_ahead=0)),
+    }
+    models_by_runtime = {rt: models.load_model("litemedsam", runtime=rt, threads=threads, cache_dir=cache_root)
+                         for rt in ("torch", "auto")}
+    out = {} if out is None else out
+    for target, ((array, matrix), gt) in targets.items():
+        if target not in args.e2e_targets:
+            continue
+        ks = np.nonzero(gt.any(axis=(1, 2)))[0]
+        if len(ks) > args.e2e_slices:  # the middle e2e_slices slices of the structure
+            mid = (ks[0] + ks[-1]) // 2
+            keep = np.zeros(gt.shape[0], bool)
+            keep[mid - args.e2e_slices // 2: mid - args.e2e_slices // 2 + args.e2e_slices] = True
+            gt = gt * keep[:, None, None]
+        (k0, j0, i0), (k1, j1, i1) = geometry.bbox_kji(gt)
+        lo = (k0, max(j0 - 2, 0), max(i0 - 2, 0))
+        hi = (k1, min(j1 + 2, gt.shape[1] - 1), min(i1 + 2, gt.shape[2] - 1))
+        row = {"slices": int(k1 - k0 + 1),
+               "ellipsoid_roi_dice": round(D.dice(D.ellipsoid_in_box(gt.shape, lo, hi), gt), 3)}
+        for rnd in range(args.e2e_rounds):
+            for name, cfg in configs.items():
+                s = PromptSession(models_by_runtime[cfg["runtime"]], config=cfg["config"])
+                s.set_volume(array, matrix)
+                t = time.perf_counter()
+                r = segment_roi(s, ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])), axis="axial")
+                seconds = time.perf_counter() - t
+                s.close()
+                entry = row.setdefault(name, {"seconds": [], "dice": round(D.dice(r.mask, gt), 4)})
+                entry["seconds"].append(round(seconds, 2))
+                entry.setdefault("masks_equal_across_rounds", True)
+                if rnd == 0:
+                    row.setdefault("_masks", {})[name] = r.mask
+                elif not np.array_equal(row["_masks"][name], r.mask):
+                    entry["masks_equal_across_rounds"] = False
+        masks = row.pop("_masks")
+        base = statistics.median(row["today_default_torch_eager"]["seconds"])
+        for name in configs:
+            row[name]["median_s"] = statistics.median(row[name]["seconds"])
+            row[name]["ratio_to_today"] = round(row[name]["median_s"] / base, 3)
+        row["new_default_vs_without_ahead_masks_equal"] = bool(np.array_equal(masks["new_default"],
+                                                                              masks["new_without_encode_ahead"]))
+        out[target] = row
+        logging.warning("%s %s", target, row)
+        save()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--e2e-slices", type=int, default=40)
+    p.add_argument("--e2e-rounds", type=int, default=1)
+    p.add_argument("--e2e-threads", type=int, default=2)
+    p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also torch.compile (30-220 s compile)")
+    p.add_argument("--slow-bf16", action="store_true", help="measure bf16 even without native bf16")
+    p.add_argument("--e2e-first", action="store_true", help="end to end before the encoder rounds")
+    p.add_argument("--e2e-targets", nargs="+", default=["Hippocampus_L", "aorta_chest_ct"])
+    p.add_argument("--cache-dir", help="export cache to use (default: a fresh temporary one)")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not D.available():
+        sys.exit(f"shared data not found at {D.DATA}")
+    cpu = runtimes.cpu_info()
+    result = {"cpu": cpu.as_dict(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+              "openvino": runtimes.openvino_version() if runtimes.openvino_available() else None,
+              "onnxruntime": "not measured: torch.onnx.export needs the 'onnx' package (not installed)",
+              "bf16": "measured" if cpu.native_bf16 or args.slow_bf16 else
+                      "not measured: this CPU has no native bf16 (AVX512-BF16 / AMX)",
+              "load_average_start": list(os.getloadavg()), "config": vars(args)}
+    print(json.dumps({"cpu": result["cpu"]}), flush=True)
+    volume = D.volumes()["mri"]
+
+    def save():  # after every section: a run stopped early keeps what it measured
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["load_average_now"] = list(os.getloadavg())
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+    with tempfile.TemporaryDirectory(prefix="medfm-bench-cache-") as tmp:
+        cache_root = Path(args.cache_dir or tmp)  # a fresh cache: the export cost is measured
+        if not args.e2e_first:
+            for threads in args.threads:
+                result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)
+                save()
+        if not args.no_e2e:
+            end_to_end(args, args.e2e_threads, cache_root, save, out=result.setdefault(f"end_to_end_threads_{args.e2e_threads}", {}))
+            save()
+        if args.e2e_first:
+            for threads in args.threads:
+                result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)
+                save()
+    save()
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
