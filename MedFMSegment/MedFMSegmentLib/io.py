@@ -443,6 +443,21 @@ def read_segmentation(path: Union[str, os.PathLike], label_names: Optional[Mappi
 
 # --------------------------------------------------------------------------- atomic output
 
+FAULT_ENV = "MEDFM_FAULT_KILL_AT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: the process kills itself (SIGKILL) here when ``$MEDFM_FAULT_KILL_AT`` is ``name``.
+
+    Placed before, during and after each write so that the kill-anywhere tests can check that a
+    kill at any of them leaves outputs complete or absent. Costs one environment lookup.
+    """
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give an output file name")
@@ -602,7 +617,9 @@ class OutputGroup:
             while self._staged:
                 tmp, path, _ = self._staged[0]
                 existed = path.exists()
+                fault_point("before-rename")
                 os.replace(tmp, path)
+                fault_point("renamed")
                 self._staged.pop(0)
                 if not existed:
                     created.append(path)
@@ -640,6 +657,7 @@ def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False, suffix
     os.close(fd)
     try:
         yield tmp
+        fault_point("temp-written")
         _fsync_path(tmp)
         problem = verify(tmp) if verify is not None else None
         if problem:
@@ -650,6 +668,7 @@ def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False, suffix
         if not overwrite and path.exists():
             raise InputError(f"{path}: was created by someone else while writing; not replaced")
         os.replace(tmp, path)
+        fault_point("renamed")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
