@@ -195,13 +195,20 @@ def _case_done(output: Path, report_path: Path) -> bool:
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
-    with tqdm(total=100, desc="segment", unit="%", disable=args.quiet, file=sys.stderr) as bar:
-        def progress(fraction, message):
-            bar.n = round(100 * fraction)
-            bar.set_postfix_str(message[:40], refresh=True)
+    bars = []  # made at the first progress report: an input error prints no empty bar
 
+    def progress(fraction, message):
+        if not bars:
+            bars.append(tqdm(total=100, desc="segment", unit="%", disable=args.quiet, file=sys.stderr))
+        bars[0].n = round(100 * fraction)
+        bars[0].set_postfix_str(message[:40], refresh=True)
+
+    try:
         rep = segment_case(args, args.volume, args.prompts, args.output, args.labelmap, args.overlay,
                            progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(json.dumps(rep, indent=1))
     return 0
 
