@@ -161,10 +161,11 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
             io.check_output_path(path, kind, args.overwrite, option)
     io.check_distinct(outputs, [("volume", volume), ("--prompts", prompts_path)])
     check_device_name(getattr(args, "device", None))
-    array_kji, ijk_to_ras = _read_checked_volume(volume, args.preset)
-    # prompts are checked on the volume before the model is loaded
-    prompt_set = prompts.resolve(prompts.load_prompts(prompts_path), ijk_to_ras, array_kji.shape,
-                                 source=str(prompts_path))
+    array_kji, ijk_to_ras = io.read_volume(volume)
+    raw_prompts = prompts.load_prompts(prompts_path)  # the file itself (fast: no torch import yet)
+    _check_volume(volume, array_kji, args.preset)
+    # then the prompts on the volume, all before the model is loaded
+    prompt_set = prompts.resolve(raw_prompts, ijk_to_ras, array_kji.shape, source=str(prompts_path))
     from . import api
 
     adapters = [args.adapter] + [seg.adapter for seg in prompt_set.segments]

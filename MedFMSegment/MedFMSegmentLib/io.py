@@ -669,6 +669,13 @@ def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False, suffix
             raise InputError(f"{path}: was created by someone else while writing; not replaced")
         os.replace(tmp, path)
         fault_point("renamed")
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if exc.filename or str(path) in str(exc):
+            raise
+        raise OSError(exc.errno, f"{path}: {exc.strerror or exc}; {free_space_text(path.parent)}; "
+                      f"{'the previous file was kept' if path.exists() else 'nothing was written'}") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

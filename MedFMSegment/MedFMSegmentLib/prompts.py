@@ -208,6 +208,11 @@ def _loads(text: Union[str, bytes], source: str) -> Any:
     if len(text) > MAX_PROMPTS_BYTES:
         raise InputError(f"{source}: {len(text)} bytes of prompts is more than the limit of {MAX_PROMPTS_BYTES} "
                          f"(a prompts file is normally a few kB)")
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    keys = raw.count(b'"corners"') + raw.count(b'"position"')
+    if keys > MAX_PROMPTS:  # counted before parsing: parsing 200k boxes alone takes seconds
+        raise InputError(f"{source}: segments: {keys} boxes and points in all is more than the limit of "
+                         f"{MAX_PROMPTS}")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int)
     except _BadInteger as exc:

@@ -533,3 +533,184 @@ def test_the_suite_is_large_and_covers_every_kind():
     kinds = {c.kind for c in CASES}
     assert len(CASES) >= 80 and len(set(_ids(CASES))) == len(CASES)
     assert kinds >= {"alias", "output", "volume", "prompts", "options", "adapter", "detect", "tune", "checkpoint"}
+
+
+# ----------------------------------------------------------------------------- disk: full disks and failed renames
+
+def _fake_result(monkeypatch, template):
+    """Skip the model: cli's session is a stand-in and api.segment / chain.detect_and_segment return a
+    fixed mask (these cases are about writing)."""
+    from MedFMSegmentLib import chain
+
+    array, _ = io.read_volume(template / "vol.nrrd")
+    mask = np.zeros(array.shape, np.uint8)
+    mask[30:36, 30:50, 20:45] = 1
+    monkeypatch.setattr(cli, "_session", lambda args: object())
+    monkeypatch.setattr(api, "segment", lambda *a, **k: {"Thalamus_L": mask})
+    monkeypatch.setattr(chain, "detect_and_segment", lambda *a, **k: ({"bright": mask}, {"labels": ["bright"]}))
+    return mask
+
+
+def _short_writer(monkeypatch, suffix: str, keep: float):
+    """SimpleITK's writer as on a full disk: writes, says nothing, leaves ``keep`` of the bytes
+    (the NIfTI writer only prints 'NWAD: wrote only N of M bytes')."""
+    real = sitk.WriteImage
+    hits = []
+
+    def write(image, name, *args, **kwargs):
+        real(image, name, *args, **kwargs)
+        if str(name).endswith(suffix):
+            hits.append(name)
+            data = Path(name).read_bytes()
+            Path(name).write_bytes(data[: int(len(data) * keep)])
+
+    monkeypatch.setattr(sitk, "WriteImage", write)
+    return hits
+
+
+DISK_CASES = [
+    # (id, argv, the file that cannot be written, writer suffix, bytes kept)
+    ("seg-cut", seg("--overwrite", output="prev.seg.nrrd"), "prev.seg.nrrd", ".nrrd", 0.5),
+    ("seg-empty", seg("--overwrite", output="prev.seg.nrrd"), "prev.seg.nrrd", ".nrrd", 0.0),
+    ("labelmap-gz-cut-keeps-seg", seg("--overwrite", "--labelmap", "prev.nii.gz", output="prev.seg.nrrd"),
+     "prev.nii.gz", ".nii.gz", 0.6),
+    ("labelmap-nii-cut-new-outputs", seg("--labelmap", "new.nii", output="new.seg.nrrd"), "new.nii", ".nii", 0.7),
+    ("labelmap-nii-zero-tail", seg("--labelmap", "new.nii", output="new.seg.nrrd"), "new.nii", ".nii", 0.99),
+    ("detect-labelmap-cut", det("--overwrite", "--labelmap", "prev.nii.gz", output="prev.seg.nrrd"),
+     "prev.nii.gz", ".nii.gz", 0.5),
+    ("detect-new-labelmap-cut", det("--labelmap", "n.nii", output="n.seg.nrrd"), "n.nii", ".nii", 0.5),
+]
+
+
+@pytest.mark.parametrize("case", DISK_CASES, ids=[c[0] for c in DISK_CASES])
+def test_full_disk_keeps_previous_outputs(case, template, tmp_path, monkeypatch):
+    """A writer that silently writes too few bytes: exit 2 naming the file and the free space; no
+    output of the command changes (all or nothing), no temporary file is left."""
+    _, argv, bad, suffix, keep = case
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    _fake_result(monkeypatch, template)
+    hits = _short_writer(monkeypatch, suffix, keep)
+    before = snapshot(d)
+    monkeypatch.chdir(d)
+    code, _, err = run_cli(argv)
+    assert hits, "the fake writer was not used"
+    assert code == 2, err
+    assert bad in err and "free on" in err and "does not read back" in err, err
+    assert "Traceback" not in err
+    assert snapshot(d) == before
+
+
+def test_rename_failing_midway_removes_what_it_created(template, tmp_path, monkeypatch):
+    """The second of three renames fails: the first output (new) is removed again, nothing else changes."""
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    _fake_result(monkeypatch, template)
+    real, calls = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error (simulated)", str(src), None, str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    before = snapshot(d)
+    monkeypatch.chdir(d)
+    code, _, err = run_cli(seg("--labelmap", "n.nii.gz", "--overlay", "n.png", output="n.seg.nrrd"))
+    assert code == 2 and "n.nii.gz" in err and "Input/output error" in err, err
+    assert len(calls) == 2 and snapshot(d) == before
+
+
+def test_a_bug_is_a_clear_exit_not_a_traceback(template, tmp_path, monkeypatch):
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(io, "read_volume", boom)
+    before = snapshot(d)
+    monkeypatch.chdir(d)
+    code, _, err = run_cli(seg())
+    assert code == 3 and "internal error (ZeroDivisionError: simulated bug)" in err and "Traceback" not in err
+    assert snapshot(d) == before
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str, readonly: bool = False):
+    """A small tmpfs at ``folder`` (root only); skips the test when mounting is not permitted."""
+    folder.mkdir()
+    opts = f"size={size}" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): the fake-writer cases "
+                    f"cover the full disk instead")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("outputs", [("--labelmap", "out.nii"), ("--overlay", "out.png"), ("--labelmap", "out.nii.gz")])
+def test_real_full_disk_tmpfs(outputs, template, tmp_path, monkeypatch):
+    """A 200 kB tmpfs filled to a few kB: the command fails with exit 2 naming the output and the
+    free space; the previous files on that disk are byte-identical and nothing else is left there."""
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    _fake_result(monkeypatch, template)
+    with tmpfs(tmp_path / "disk", "200k") as disk:
+        (disk / "previous.seg.nrrd").write_bytes((template / "prev.seg.nrrd").read_bytes())
+        with open(disk / "filler", "wb") as fh:  # leave ~6 kB free
+            free = shutil.disk_usage(disk).free
+            fh.write(b"\0" * max(free - 6 * 1024, 0))
+        before = snapshot(disk)
+        monkeypatch.chdir(d)
+        code, _, err = run_cli(seg(outputs[0], str(disk / outputs[1]), "--overwrite",
+                                   output=str(disk / "previous.seg.nrrd")))
+        assert code == 2, err
+        assert str(disk) in err and ("free on" in err or "No space left" in err), err
+        assert "Traceback" not in err
+        assert snapshot(disk) == before
+
+
+def test_read_only_output_folder_is_refused_before_the_model(template, tmp_path, monkeypatch, tripwires):
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    with tmpfs(tmp_path / "ro", "100k", readonly=True) as ro:
+        monkeypatch.chdir(d)
+        code, _, err = run_cli(seg(output=str(ro / "o.seg.nrrd")))
+        assert code == 2 and "cannot write in the output folder" in err and str(ro) in err, err
+        assert not tripwires
+
+
+# ----------------------------------------------------------------------------- as a user runs it: a real process
+
+def _medfm(args, cwd, env=None, timeout=120):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "MedFMSegmentLib.cli", *args], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=PYTHONPATH, **(env or {})))
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (seg(output="out.nii.gz"), "--output out.nii.gz"),
+    (seg("--labelmap", "vol.nrrd", "--overwrite"), "same file"),
+    (seg(prompts="p.json", output="o.seg.nrrd"), "nested too deeply"),
+    (SEG[:-1] + ["meta"] + ["-q"], "--device 'meta'"),
+])
+def test_subprocess_errors_are_one_clear_line(argv, expect, template, tmp_path):
+    """Through a real process: exit 2, one message, no traceback, no timm FutureWarning, quickly
+    (errors found before torch is imported take well under 3 s; the time is printed)."""
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    (d / "p.json").write_text("[" * 100_000 + "]" * 100_000)
+    before = snapshot(d)
+    r, seconds = _medfm(argv, d)
+    print(f"{' '.join(argv[:8])}: exit {r.returncode} in {seconds:.2f} s")
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr and "FutureWarning" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert snapshot(d) == before
+    if "--device" not in argv:  # no torch import on these paths
+        assert seconds < 3 * EARLY_SECONDS, f"{seconds:.1f} s"
