@@ -213,7 +213,7 @@ def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if moved_aside and old.exists():
+        if moved_aside and old.exists() and is_adapter_dir(target):  # never the only copy left
             shutil.rmtree(old, ignore_errors=True)
     adapter.path = target
     log.info("saved adapter %s to %s", adapter.organ, target)

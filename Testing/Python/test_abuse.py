@@ -714,3 +714,139 @@ def test_subprocess_errors_are_one_clear_line(argv, expect, template, tmp_path):
     assert snapshot(d) == before
     if "--device" not in argv:  # no torch import on these paths
         assert seconds < 3 * EARLY_SECONDS, f"{seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------- kill anywhere
+
+_FAKE_SEGMENT = """
+import sys
+import numpy as np
+from MedFMSegmentLib import api, cli, io
+array, _ = io.read_volume("vol.nrrd")
+mask = np.zeros(array.shape, np.uint8)
+mask[30:36, 30:50, 20:45] = 1
+cli._session = lambda args: object()
+api.segment = lambda *a, **k: {"Thalamus_L": mask}
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+KILL_POINTS = ["temp-written", "before-rename", "renamed"]
+
+
+def _outputs_complete_or_previous(d: Path, before: dict, names):
+    for name in names:
+        p = d / name
+        if not p.exists():
+            assert name not in before, f"{name}: the previous file vanished"
+            continue
+        if name in before and snapshot(d).get(name) == before[name]:
+            continue  # the previous file, intact
+        if name.endswith(".png"):
+            assert p.read_bytes().startswith(b"\x89PNG")
+        elif name.endswith(".seg.nrrd"):
+            assert io.read_segmentation(p)[0]["Thalamus_L"].sum() > 0
+        else:
+            assert io.truncation_problem(p) is None and io.read_volume(p)[0].max() == 1
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+@pytest.mark.parametrize("overwrite", [pytest.param(False, marks=pytest.mark.slow), True], ids=["new", "overwrite"])
+def test_kill_segment_anywhere(point, overwrite, template, tmp_path):
+    """SIGKILL at each write step (temp file written, before / after a rename): every output is the
+    previous file, complete, or absent; the other files are untouched; a rerun completes."""
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    (d / "fake.py").write_text(_FAKE_SEGMENT)
+    names = (["prev.seg.nrrd", "prev.nii.gz", "prev.png"] if overwrite else ["n.seg.nrrd", "n.nii.gz", "n.png"])
+    argv = ["segment", "vol.nrrd", "--prompts", "prompts.json", "--output", names[0], "--labelmap", names[1],
+            "--overlay", names[2], "-q"] + (["--overwrite"] if overwrite else [])
+    before = snapshot(d)
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, MEDFM_FAULT_KILL_AT=point)
+    r = subprocess.run([sys.executable, "fake.py", *argv], cwd=d, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    _outputs_complete_or_previous(d, before, names)
+    for name, digest in before.items():
+        if name not in names:
+            assert snapshot(d)[name] == digest, name
+    env.pop("MEDFM_FAULT_KILL_AT")
+    r = subprocess.run([sys.executable, "fake.py", *argv, "--overwrite"], cwd=d, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _outputs_complete_or_previous(d, {}, names)
+    left = [p.name for p in d.iterdir() if p.name.startswith(".")]
+    assert all(n.endswith((".tmp.nrrd", ".tmp.nii.gz", ".tmp")) for n in left)  # only a killed run's temp files
+
+
+_SAVE_ADAPTER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_abuse import _write_adapter
+import torch
+from pathlib import Path
+from MedFMTrainLib import store
+store.save_adapter  # the save below replaces the adapter with other weights
+folder = Path(sys.argv[1])
+import test_abuse
+from MedFMTrainLib.adapters import LoraSettings, OrganAdapter
+from MedFMSegmentLib import models
+settings = LoraSettings(2, 4.0, "decoder")
+tensors = {"transformer.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 256)}
+manifest = {"base_model": {"id": "litemedsam", "sha256": models.LITEMEDSAM_SHA256}, "lora": settings.to_dict(),
+            "metrics": {"new": 1}}
+store.save_adapter(OrganAdapter("Thalamus_L", "litemedsam", models.LITEMEDSAM_SHA256, settings, tensors,
+                                manifest=manifest), folder, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("point", [pytest.param("adapter-written", marks=pytest.mark.slow), "adapter-moved-aside",
+                                   pytest.param("adapter-renamed", marks=pytest.mark.slow)])
+def test_kill_adapter_save_anywhere(point, template, tmp_path):
+    """SIGKILL inside ``save_adapter`` (what ``medfm tune`` does last): the old or the new adapter loads."""
+    from MedFMTrainLib import store
+
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    old = store.load_adapter(d / "adapter")
+    script = d / "save.py"
+    script.write_text(_SAVE_ADAPTER)
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, MEDFM_FAULT_KILL_AT=point)
+    r = subprocess.run([sys.executable, str(script), str(d / "adapter"), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    loaded = store.load_adapter(d / "adapter")  # recovers a kill between the renames
+    assert loaded.digest == old.digest or loaded.manifest["metrics"] == {"new": 1}
+    if point == "adapter-moved-aside":
+        assert loaded.digest == old.digest  # the previous one, renamed back
+    env.pop("MEDFM_FAULT_KILL_AT")
+    r = subprocess.run([sys.executable, str(script), str(d / "adapter"), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert store.load_adapter(d / "adapter").manifest["metrics"] == {"new": 1}
+    assert [p.name for p in d.iterdir() if p.name.startswith(".adapter")] == []  # dead saves cleaned up
+
+
+def test_adapter_swap_interrupted_between_renames_in_process(template, tmp_path, monkeypatch):
+    """os.rename fails after moving the old adapter aside and while putting it back: load still works."""
+    from MedFMTrainLib import store
+
+    d = tmp_path / "case"
+    shutil.copytree(template, d)
+    old = store.load_adapter(d / "adapter")
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) >= 2:
+            raise OSError(errno.EIO, "simulated crash", str(src))
+        return real(src, dst)
+
+    import torch
+
+    adapter = store.load_adapter(d / "adapter")
+    monkeypatch.setattr(os, "rename", rename)
+    adapter.tensors = {k: torch.ones_like(v) for k, v in adapter.tensors.items()}
+    with pytest.raises(OSError):
+        store.save_adapter(adapter, d / "adapter", overwrite=True)
+    monkeypatch.setattr(os, "rename", real)
+    assert not (d / "adapter").exists()  # the window: only .adapter.old-* is left ...
+    assert store.load_adapter(d / "adapter").digest == old.digest  # ... and it loads (recovered)
