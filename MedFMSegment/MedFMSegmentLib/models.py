@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import threading
 import time
 import zipfile
@@ -181,13 +182,22 @@ def asset_path(spec: ModelSpec) -> Path:
     return path
 
 
+_TORCH_ADVICE = ("weights only load failed", "weights_only", "re-running", "please ", "check the documentation",
+                 "trust", "file an issue", "to do so you have")
+
+
 def _unpickling_detail(exc: Exception) -> str:
-    """The useful line of torch's weights_only error (what was refused), without its generic advice."""
-    text = str(exc)
+    """What torch's safe loader refused (one line), without its advice to retry with weights_only=False."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     tail = text.split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    detail = lines[0] if lines else (text.splitlines()[0] if text else type(exc).__name__)
-    return detail.split(" Please use", 1)[0]
+    lines = [ln.split(" Please use", 1)[0].strip() for ln in tail.splitlines()]
+    keep = [ln for ln in lines if ln and not any(a in ln.lower() for a in _TORCH_ADVICE)]
+    return keep[0] if keep else "refused by the safe loader"
+
+
+def _holds_code(exc: Exception) -> bool:
+    """torch refused a pickled global (a function or class): the file would run code if unpickled."""
+    return re.search(r"unsupported global|GLOBAL \S", str(exc), re.IGNORECASE) is not None
 
 
 def _check_checkpoint_file(path) -> Path:
@@ -213,9 +223,10 @@ def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
-        if "Unsupported global" in str(exc):
-            raise ModelError(f"checkpoint {path} holds pickled objects that are not plain tensors; refused for "
-                             f"safety (weights_only=True): {detail}") from exc
+        if _holds_code(exc):
+            raise ModelError(f"checkpoint {path} holds code (pickled objects that are not plain tensors: "
+                             f"{detail}); it was refused and nothing in it ran. Use a checkpoint that "
+                             f"holds only tensors (a state dict) from a source you trust") from exc
         raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt: {detail}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise ModelError(f"checkpoint {path} is truncated or corrupt: {str(exc).splitlines()[0]}") from exc

@@ -74,11 +74,10 @@ def overlay_image(array_kji, ijk_to_ras, masks: Dict[str, np.ndarray], scale_mm:
     return np.clip(np.concatenate(row[:-1], axis=1), 0, 255).astype(np.uint8)
 
 
-def write_overlay(path, array_kji, ijk_to_ras, masks: Dict[str, np.ndarray], overwrite: bool = False) -> None:
-    """Write the overlay PNG atomically."""
-    from .io import atomic_output
+def write_overlay(path, array_kji, ijk_to_ras, masks: Dict[str, np.ndarray], overwrite: bool = False,
+                  group=None) -> None:
+    """Write the overlay PNG atomically (verified: see ``io.write_bytes_atomic``)."""
+    from .io import write_bytes_atomic
 
-    data = png_bytes(overlay_image(array_kji, ijk_to_ras, masks))
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+    write_bytes_atomic(path, png_bytes(overlay_image(array_kji, ijk_to_ras, masks)), overwrite=overwrite,
+                       group=group)

@@ -54,7 +54,10 @@ Validation
   :class:`~MedFMSegmentLib.errors.InputError` whose message names the file and the key path, e.g.
   ``prompts.json: segments[1].boxes[0].corners: ...``; all problems found are listed together.
   Unknown keys are errors (a typo must not silently drop a prompt), except keys starting with
-  ``_``, which are ignored and can hold comments.
+  ``_``, which are ignored and can hold comments. A segment whose only prompts are negative
+  (background) clicks is an error: there is nothing to segment (the key path is named). Files over
+  :data:`MAX_PROMPTS_BYTES`, more than :data:`MAX_PROMPTS` boxes + points or :data:`MAX_SEGMENTS`
+  segments, integers over :data:`MAX_DIGITS` digits and JSON nested too deeply are refused at once.
 
 Python API
   :func:`parse_prompts` / :func:`load_prompts` validate and normalise the file (a plain dict with
@@ -87,6 +90,11 @@ DEFAULT_AXIS = "axial"
 SLICE_TOLERANCE = 0.5  # voxels: how far apart the two corners of a 2D box may be across its slice
 _EPS = 1e-6
 _MAX_LISTED_ERRORS = 20
+#: Limits that refuse a hostile or broken prompts file in well under a second (a real one is a few kB).
+MAX_PROMPTS_BYTES = 8 << 20
+MAX_PROMPTS = 100_000  # boxes + points over all segments
+MAX_SEGMENTS = 10_000
+MAX_DIGITS = 100  # an integer with more digits is no coordinate (and would not fit a float past ~308)
 
 _TOP_KEYS = ("space", "segments")
 _SEGMENT_KEYS = ("name", "roi", "roi_axis", "boxes", "points", "adapter", "propagate")
@@ -186,9 +194,33 @@ def _no_duplicates(pairs):
     return out
 
 
+class _BadInteger(Exception):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:  # also spares Python's 4300-digit int limit (ValueError)
+        raise _BadInteger(text)
+    return int(text)
+
+
 def _loads(text: Union[str, bytes], source: str) -> Any:
+    if len(text) > MAX_PROMPTS_BYTES:
+        raise InputError(f"{source}: {len(text)} bytes of prompts is more than the limit of {MAX_PROMPTS_BYTES} "
+                         f"(a prompts file is normally a few kB)")
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    keys = raw.count(b'"corners"') + raw.count(b'"position"')
+    if keys > MAX_PROMPTS:  # counted before parsing: parsing 200k boxes alone takes seconds
+        raise InputError(f"{source}: segments: {keys} boxes and points in all is more than the limit of "
+                         f"{MAX_PROMPTS}")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int)
+    except _BadInteger as exc:
+        digits = exc.args[0]
+        raise InputError(f"{source}: the integer {digits[:12]}... has {len(digits.lstrip('-'))} digits "
+                         f"(at most {MAX_DIGITS}): not a coordinate") from None
+    except RecursionError:
+        raise InputError(f"{source}: the JSON is nested too deeply (a prompts file is normally 5 levels deep)") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except _DuplicateKey as exc:
@@ -324,9 +356,13 @@ def _parse_segment(value: Any, where: str, problems: _Problems) -> Optional[dict
     if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
         problems.add(f"{where}.adapter", f"expected a path string or null, got {_type_name(adapter)} {adapter!r}")
     propagate = _boolean(seg.get("propagate", True), f"{where}.propagate", problems)
+    label = f" {name!r}" if name else ""
     if seg.get("roi") is None and not seg.get("boxes") and not seg.get("points"):
-        label = f" {name!r}" if name else ""
         problems.add(where, f"segment{label} has no prompt: give a roi, boxes or points")
+    elif seg.get("roi") is None and not boxes and points and all(p and p["positive"] is False for p in points):
+        problems.add(f"{where}.points", f"segment{label} has only negative (background) clicks: they say "
+                     f"where the structure is not, so nothing would be segmented; add a box, a roi or a "
+                     f"positive click")
     return {"name": name, "roi": roi, "roi_axis": roi_axis, "boxes": boxes, "points": points,
             "adapter": adapter, "propagate": propagate}
 
@@ -358,12 +394,26 @@ def parse_prompts(text_or_dict: Union[str, bytes, dict], source: str = "<string>
     if "segments" not in top:
         problems.add("segments", "missing (a list of segments)")
     raw_segments = _list(top.get("segments", []), "segments", problems)
+    _check_counts(raw_segments, source)
     if "segments" in top and isinstance(top.get("segments"), list) and not raw_segments:
         problems.add("segments", "is empty: give at least one segment")
     segments = [_parse_segment(s, f"segments[{n}]", problems) for n, s in enumerate(raw_segments)]
     _check_unique_names(segments, problems)
     problems.raise_if_any()
     return {"space": space, "segments": copy.deepcopy(segments)}
+
+
+def _check_counts(raw_segments: List[Any], source: str) -> None:
+    """Refuse absurd sizes before validating item by item (1M boxes would take minutes to list)."""
+    if len(raw_segments) > MAX_SEGMENTS:
+        raise InputError(f"{source}: segments: {len(raw_segments)} segments is more than the limit of {MAX_SEGMENTS}")
+    total = 0
+    for seg in raw_segments:
+        if isinstance(seg, dict):
+            total += sum(len(seg[key]) for key in ("boxes", "points") if isinstance(seg.get(key), list))
+    if total > MAX_PROMPTS:
+        raise InputError(f"{source}: segments: {total} boxes and points in all is more than the limit of "
+                         f"{MAX_PROMPTS}")
 
 
 def _check_unique_names(segments: Sequence[Optional[dict]], problems: _Problems) -> None:
@@ -388,6 +438,10 @@ def load_prompts(path: Union[str, os.PathLike]) -> dict:
         raise InputError(f"{path}: prompts file not found" if not path.exists()
                          else f"{path}: is not a file")
     try:
+        size = path.stat().st_size
+        if size > MAX_PROMPTS_BYTES:  # refused before reading it
+            raise InputError(f"{path}: {size} bytes of prompts is more than the limit of {MAX_PROMPTS_BYTES} "
+                             f"(a prompts file is normally a few kB)")
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read the prompts file ({exc.strerror})") from exc
@@ -427,14 +481,20 @@ class _Volume:
             corners = np.array([[i, j, k] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)])
             ras = geometry.ijk_to_ras(corners, self.matrix)
             lo, hi = ras.min(axis=0), ras.max(axis=0)
-            text += " (RAS " + ", ".join(f"{a} {lo[n]:.1f}..{hi[n]:.1f}" for n, a in enumerate("RAS")) + ")"
+            text += " (RAS " + ", ".join(f"{a} {_f1(lo[n])}..{_f1(hi[n])}" for n, a in enumerate("RAS")) + ")"
         return text
 
     def describe(self, point_ijk, given) -> str:
-        ijk = ", ".join(f"{v:.1f}" for v in point_ijk)
+        ijk = ", ".join(_f1(v) for v in point_ijk)
         if self.space == "RAS":
             return f"RAS ({', '.join(f'{v:g}' for v in given)}) = voxel ({ijk})"
         return f"voxel ({ijk})"
+
+
+def _f1(value: float, digits: int = 1) -> str:
+    """A coordinate for a message: 1 decimal, or 3 significant digits when huge (1e+308, not 309 digits)."""
+    value = float(value)
+    return f"{value:.{digits}f}" if abs(value) < 1e7 else f"{value:.3g}"
 
 
 def _fmt(values) -> str:
@@ -442,7 +502,7 @@ def _fmt(values) -> str:
 
 
 def _resolve_roi(seg: dict, where: str, vol: _Volume, problems: _Problems) -> Optional[RoiIJK]:
-    c_ijk = vol.to_ijk(seg["roi"])
+    c_ijk = np.clip(vol.to_ijk(seg["roi"]), -1e12, 1e12)  # huge but finite: clipped below, never cast from inf
     lo, hi = c_ijk.min(axis=0), c_ijk.max(axis=0)
     slice_component = 2 - geometry.array_axis(seg["roi_axis"])  # kji array axis -> ijk component
     for n in range(3):
@@ -473,8 +533,8 @@ def _resolve_box(box: dict, name: str, where: str, vol: _Volume, problems: _Prob
     comp = 2 - geometry.array_axis(axis)
     letter = _IJK[comp]
     if abs(c0[comp] - c1[comp]) >= SLICE_TOLERANCE:
-        problems.add(f"{where}.corners", f"the corners are not on one {axis} slice ({letter} = {c0[comp]:.2f} "
-                     f"and {c1[comp]:.2f}; they may differ by less than {SLICE_TOLERANCE} voxel)")
+        problems.add(f"{where}.corners", f"the corners are not on one {axis} slice ({letter} = {_f1(c0[comp], 2)} "
+                     f"and {_f1(c1[comp], 2)}; they may differ by less than {SLICE_TOLERANCE} voxel)")
         return None
     index, (x0, y0, x1, y1) = geometry.box_ijk_to_slice(c0, c1, axis)
     if x1 - x0 < _EPS or y1 - y0 < _EPS:
@@ -485,15 +545,15 @@ def _resolve_box(box: dict, name: str, where: str, vol: _Volume, problems: _Prob
     height, width = geometry.slice_shape(vol.shape_kji, axis)
     outside = (not 0 <= index < n_slices or x1 < -0.5 or x0 > width - 0.5 or y1 < -0.5 or y0 > height - 0.5)
     if outside:
-        problems.add(where, f"segment {name!r}: the box on {axis} slice {letter}={index} (x {x0:.1f}..{x1:.1f}, "
-                     f"y {y0:.1f}..{y1:.1f}) is outside the volume; {vol.extent_text()}")
+        problems.add(where, f"segment {name!r}: the box on {axis} slice {letter}={index} (x {_f1(x0)}..{_f1(x1)}, "
+                     f"y {_f1(y0)}..{_f1(y1)}) is outside the volume; {vol.extent_text()}")
         return None
     clipped = (min(max(x0, 0.0), width - 1.0), min(max(y0, 0.0), height - 1.0),
                min(max(x1, 0.0), width - 1.0), min(max(y1, 0.0), height - 1.0))
     if x0 < -0.5 or y0 < -0.5 or x1 > width - 0.5 or y1 > height - 0.5:
-        log.warning("%s: segment %r: the box (x %.1f..%.1f, y %.1f..%.1f) extends outside %s slice %d, "
-                    "clipped to x %.1f..%.1f, y %.1f..%.1f", where, name, x0, x1, y0, y1, axis, index,
-                    clipped[0], clipped[2], clipped[1], clipped[3])
+        log.warning("%s: segment %r: the box (x %s..%s, y %s..%s) extends outside %s slice %d, "
+                    "clipped to x %s..%s, y %s..%s", where, name, _f1(x0), _f1(x1), _f1(y0), _f1(y1), axis, index,
+                    *(_f1(clipped[n]) for n in (0, 2, 1, 3)))
     return Box2D(axis, index, clipped)
 
 

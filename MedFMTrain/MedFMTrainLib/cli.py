@@ -116,6 +116,24 @@ def _read_pair(image_path: str, labels_path: str, args) -> Tuple[np.ndarray, np.
     return array, matrix, mask
 
 
+#: (option, attribute, lowest, highest) of the numeric options, checked before anything is read.
+_RANGES = (("--steps", "steps", 1, 100_000), ("--rank", "rank", 1, 256), ("--lr", "lr", 1e-8, 1.0),
+           ("--threads", "threads", 1, 1024), ("--box-encodes", "box_encodes", 1, 100_000),
+           ("--click-encodes", "click_encodes", 0, 100_000), ("--slices-per-volume", "slices_per_volume", 1, 10_000))
+
+
+def check_ranges(args) -> None:
+    """Refuse out-of-range numeric options (e.g. --lr 1e30 would train to NaN, --threads -1 crash torch)."""
+    import math
+
+    for option, name, low, high in _RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InputError(f"{option} must be in {low:g}..{high:g}, got {value:.4g}")
+
+
 def emit(obj) -> None:
     """One JSON object on one stdout line (the machine-readable channel of ``tune_cli``)."""
     print(json.dumps(obj), flush=True)
@@ -159,8 +177,11 @@ def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
     from .store import check_output_dir, save_adapter
     from .tune import check_organ, tune
 
+    from MedFMSegmentLib.cli import check_model_options
+
     if len(args.image) != len(args.labels):
         raise InputError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
+    check_ranges(args)
     check_organ(args.organ)
     check_output_dir(args.out, args.overwrite)
     train = _int_list(args.train_slices, "--train-slices")
@@ -169,6 +190,7 @@ def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
         raise InputError("--train-slices and --val-slices need exactly one --image")
     config = _config(args)
     config.check()
+    check_model_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = [_read_pair(i, l, args) for i, l in zip(args.image, args.labels)]

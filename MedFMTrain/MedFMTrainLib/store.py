@@ -8,12 +8,17 @@
 
 No pickle anywhere: tensors in safetensors, everything else JSON. Writes are atomic: the folder is
 written under a temporary name next to the target (``.<name>.tmp-<pid>-<random>``), fsynced, then
-renamed into place; a previous adapter is moved aside only at that last step and deleted after, so
-an interrupted or failed save leaves it intact. Loading verifies the file's sha256 (a truncated or
-altered file is refused) and the base model's sha256.
+renamed into place; a previous adapter is moved aside (``.<name>.old-<pid>-<random>``) only at that
+last step and deleted after, so an interrupted or failed save leaves it intact. A process killed
+between the two renames leaves no folder at the target, only the ``.old-`` one: :func:`load_adapter`
+(and the next save) recover it, so at every instant either the old or the new adapter loads.
+Loading verifies the file's sha256 (a truncated or altered file is refused), that every tensor is
+finite (NaN / Inf weights are refused) and the base model's sha256; saving refuses non-finite
+tensors or metrics (a diverged training is never stored).
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -21,11 +26,12 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from MedFMSegmentLib.errors import InputError
+from MedFMSegmentLib.io import fault_point
 from MedFMSegmentLib.models import file_sha256
 
 from .adapters import LoraSettings, OrganAdapter
@@ -100,7 +106,11 @@ def _write_files(adapter: OrganAdapter, folder: Path) -> None:
                      "files": {ADAPTER_FILE: {"sha256": file_sha256(weights), "bytes": weights.stat().st_size}}})
     if adapter.localizer is not None:
         manifest["localizer"] = dict(adapter.localizer.config(), metrics=adapter.localizer.metrics)
-    text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False, default=_json_default)
+    try:
+        text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False, default=_json_default)
+    except ValueError as exc:  # NaN / Inf in the metrics: training diverged
+        raise InputError(f"adapter {adapter.organ!r}: its manifest holds NaN or infinite numbers ({exc}); "
+                         f"not saved (did the training diverge? lower --lr)") from None
     (folder / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
     _fsync(folder / MANIFEST_FILE)
     _fsync(folder)
@@ -114,9 +124,73 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in the manifest")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _leftovers(target: Path, kind: str) -> List[Tuple[Path, int]]:
+    """``(.<name>.<kind>-<pid>-<random> folder, pid)`` next to ``target``, newest first."""
+    out = []
+    for p in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+        m = re.fullmatch(rf"\.{re.escape(target.name)}\.{kind}-(\d+)-[0-9a-f]+", p.name)
+        try:
+            if m and p.is_dir():
+                out.append((p, int(m.group(1)), p.stat().st_mtime))
+        except OSError:  # removed meanwhile
+            continue
+    return [(p, pid) for p, pid, _ in sorted(out, key=lambda item: item[2], reverse=True)]
+
+
+def recover(path: PathLike) -> Path:
+    """The folder to load for adapter ``path``, repairing a save that was killed between its renames.
+
+    When ``path`` is missing but a previous adapter was moved aside (``.<name>.old-<pid>-...``) by a
+    process that is gone, it is renamed back and ``path`` returned; when that process is still
+    running (inside its rename window), the moved-aside folder itself is returned, read-only. With
+    ``path`` present, moved-aside and temporary folders of dead processes are removed.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return target
+    if not target.exists():
+        for old, pid in _leftovers(target, "old"):
+            if not is_adapter_dir(old):
+                continue
+            if _pid_alive(pid) and pid != os.getpid():
+                return old
+            try:
+                os.rename(old, target)
+                log.warning("recovered adapter %s from %s (a save was interrupted)", target, old.name)
+            except OSError:
+                return old if old.exists() else target  # someone else recovered it first
+            break
+    if target.exists():
+        for kind in ("old", "tmp"):
+            for left, pid in _leftovers(target, kind):
+                if not _pid_alive(pid):
+                    shutil.rmtree(left, ignore_errors=True)
+    return target
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(f"{where}: tensor {key!r} holds {bad} NaN or infinite values of {t.numel()}; "
+                             f"refused (a diverged training or a damaged file)")
+
+
 def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False) -> Path:
     """Write ``adapter`` to folder ``path`` atomically; returns the folder. See the module docstring."""
+    recover(path)
     target = check_output_dir(path, overwrite)
+    _check_finite(_tensors(adapter), f"adapter {adapter.organ!r} (not saved to {target})")
     parent, token = target.parent, f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = parent / f".{target.name}.tmp-{token}"
     old = parent / f".{target.name}.old-{token}"
@@ -124,10 +198,13 @@ def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False)
     moved_aside = False
     try:
         _write_files(adapter, tmp)
+        fault_point("adapter-written")
         if target.exists():
             os.rename(target, old)
             moved_aside = True
+            fault_point("adapter-moved-aside")
         os.rename(tmp, target)
+        fault_point("adapter-renamed")
         _fsync(parent)
     except BaseException:
         if moved_aside and not target.exists():
@@ -136,7 +213,7 @@ def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if moved_aside and old.exists():
+        if moved_aside and old.exists() and is_adapter_dir(target):  # never the only copy left
             shutil.rmtree(old, ignore_errors=True)
     adapter.path = target
     log.info("saved adapter %s to %s", adapter.organ, target)
@@ -185,9 +262,11 @@ def _read_tensors(folder: Path, manifest: Dict) -> Dict[str, torch.Tensor]:
         raise InputError(f"{file}: corrupt or truncated adapter weights: sha256 {actual}, the manifest records "
                          f"{expected}")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{file}: corrupt adapter weights: {exc}") from None
+    _check_finite(tensors, str(file))
+    return tensors
 
 
 def load_adapter(path: PathLike, model=None) -> OrganAdapter:
@@ -196,7 +275,7 @@ def load_adapter(path: PathLike, model=None) -> OrganAdapter:
     Raises InputError naming the file for a missing / corrupt manifest or weights, and naming both
     sha256s when the adapter was trained on another base model.
     """
-    folder = Path(path)
+    folder = recover(path)
     manifest = read_manifest(folder)
     base = manifest["base_model"]
     if model is not None and model.checkpoint_sha256 != base["sha256"]:

@@ -191,6 +191,13 @@ def _plain_dice(model, name: Optional[str], samples: List[Sample], config: TuneC
     return float(np.mean(out))
 
 
+def _check_loss(loss: float, where: str, lr: float) -> None:
+    """Stop at once when training diverges (NaN / Inf loss): a clear error, never a NaN adapter."""
+    if not np.isfinite(loss):
+        raise InputError(f"training diverged at {where}: the loss is {loss}; no adapter was written "
+                         f"(the learning rate {lr:.3g} is probably too high: try --lr 0.001)")
+
+
 def train_decoder(model, name: str, samples: List[Sample], config: TuneConfig, rep: _Reporter) -> Dict:
     """Train the injected adapter ``name`` on the segmentation samples; returns loss / Dice metrics."""
     rng = np.random.default_rng(config.seed + 1)
@@ -221,6 +228,7 @@ def train_decoder(model, name: str, samples: List[Sample], config: TuneConfig, r
             opt.step()
             sched.step()
             losses.append(loss.item())
+            _check_loss(losses[-1], f"decoder step {step + 1}", config.lr)
             rep((step + 1) / config.steps, f"decoder step {step + 1}/{config.steps}, loss {np.mean(losses[-10:]):.3f}")
     finally:
         for p in params:
@@ -256,6 +264,7 @@ def train_localizer(samples: List[Sample], training: TrainingSet, config: TuneCo
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        _check_loss(losses[-1], f"localizer step {len(losses)}", config.localizer_lr)
         if step % 10 == 9 or step == config.localizer_steps - 1:
             rep((step + 1) / config.localizer_steps, f"localizer step {step + 1}/{config.localizer_steps}")
     head.eval()

@@ -41,8 +41,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Cancelled as exc:
         emit({"cancelled": str(exc)})
         return EXIT_CANCELLED
-    except (MedFMError, ValueError) as exc:
+    except (MedFMError, ValueError, OSError) as exc:
         emit({"error": str(exc)})
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one clear line, not a traceback on the Slicer side
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        emit({"error": f"internal error ({type(exc).__name__}: {str(exc)[:300]}); no adapter was written"})
         return EXIT_ERROR
     finally:
         for s, handler in previous.items():
