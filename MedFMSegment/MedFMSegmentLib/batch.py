@@ -28,7 +28,6 @@ import contextlib
 import csv
 import dataclasses
 import glob
-import hashlib
 import io as pyio
 import json
 import logging
@@ -42,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .checksums import file_sha256
 from .errors import InputError, MedFMError
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def case_name(path: Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- cohort discovery

@@ -11,7 +11,6 @@ Every model is a segment-anything ``Sam`` module (``image_encoder``, ``prompt_en
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checksums import file_sha256  # noqa: F401  (public here since 0.1)
 from .errors import ChecksumError, InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,6 @@ def choose_device(requested: Optional[str] = None) -> DeviceChoice:
         choice = DeviceChoice(torch.device("cpu"), f"no GPU found; CPU with {torch.get_num_threads()} threads")
     log.info("MedFM device: %s (%s)", choice.device, choice.reason)
     return choice
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def asset_path(spec: ModelSpec) -> Path:

@@ -275,7 +275,7 @@ def cache_dir(path: Optional[Path] = None) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    from .models import file_sha256  # lazy: models imports this module's users lazily too
+    from .checksums import file_sha256
 
     return file_sha256(path)
 

@@ -177,7 +177,7 @@ def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
     from .store import check_output_dir, save_adapter
     from .tune import check_organ, tune
 
-    from MedFMSegmentLib.cli import check_model_options
+    from MedFMSegmentLib.model_options import check_model_options
 
     if len(args.image) != len(args.labels):
         raise InputError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
