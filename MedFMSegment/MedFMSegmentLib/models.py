@@ -303,13 +303,15 @@ class PromptableModel:
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
-               mask_logits: Optional[torch.Tensor] = None, multimask: bool = False, fast: bool = True):
+               mask_logits: Optional[torch.Tensor] = None, multimask: bool = False, fast: bool = False):
         """Run prompt encoder + mask decoder on a cached embedding.
 
         Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
         for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
-        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``). ``fast=False``
-        forces the torch decoder.
+        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``). ``fast=True``
+        uses the exported decoder (if any, and while the torch decoder is unmodified): the session
+        does so without an adapter; the default is the torch decoder, bitwise stable for callers
+        that compare outputs before and after attaching adapters (training, its tests).
         """
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         boxes = points = None

@@ -261,15 +261,15 @@ def test_openvino_encoder_and_decoder_agree_with_torch(ov_model, litemedsam):
     assert emb_ov.shape == emb_torch.shape == (1, 256, 64, 64)
     assert float((emb_ov - emb_torch).abs().max()) <= 1e-3 and float(emb_torch.std()) > 0.01
     for box in ((70, 90, 170, 190), (100, 120, 140, 160)):
-        fast, iou = ov_model.decode(emb_torch, box_xy_model=box)
+        fast, iou = ov_model.decode(emb_torch, box_xy_model=box, fast=True)
         ref, ref_iou = litemedsam.decode(emb_torch, box_xy_model=box)
         assert fast.shape == ref.shape == (1, 256, 256)
         assert float((fast - ref).abs().max()) <= 1e-2 and np.allclose(iou, ref_iou, atol=1e-3)
         assert runtimes.dice(fast.numpy() > 0, ref.numpy() > 0) >= 0.995 and (ref > 0).any()
-    multi, multi_iou = ov_model.decode(emb_torch, box_xy_model=(70, 90, 170, 190), multimask=True)
+    multi, multi_iou = ov_model.decode(emb_torch, box_xy_model=(70, 90, 170, 190), multimask=True, fast=True)
     ref, _ = litemedsam.decode(emb_torch, box_xy_model=(70, 90, 170, 190), multimask=True)
     assert multi.shape == (3, 256, 256) and float((multi - ref).abs().max()) <= 1e-2
-    pts, _ = ov_model.decode(emb_torch, points_xy_model=[(120, 140), (20, 20)], point_labels=[1, 0])
+    pts, _ = ov_model.decode(emb_torch, points_xy_model=[(120, 140), (20, 20)], point_labels=[1, 0], fast=True)
     ref, _ = litemedsam.decode(emb_torch, points_xy_model=[(120, 140), (20, 20)], point_labels=[1, 0])
     assert float((pts - ref).abs().max()) <= 1e-2  # another number of prompt tokens (dynamic shape)
 
@@ -281,7 +281,7 @@ def test_a_modified_torch_decoder_is_used_instead_of_the_export(ov_model):
     md.add_module("_test_extra", torch.nn.Identity())
     try:
         assert not ov_model._decoder_unmodified()
-        got, _ = ov_model.decode(emb, box_xy_model=(60, 60, 180, 180))
+        got, _ = ov_model.decode(emb, box_xy_model=(60, 60, 180, 180), fast=True)
         ref, _ = ov_model.decode(emb, box_xy_model=(60, 60, 180, 180), fast=False)
         assert torch.equal(got, ref)
     finally:
