@@ -39,15 +39,9 @@ Truncation
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import gzip
 import logging
 import os
 import secrets
-import shutil
-import struct
-import zlib
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -56,6 +50,22 @@ import SimpleITK as sitk
 
 from . import geometry
 from .errors import InputError
+from .truncation import truncation_problem  # noqa: F401  (re-exported)
+from .atomic import (  # noqa: F401  (re-exported: io is where callers find them)
+    FAULT_ENV,
+    fault_point,
+    _check_output,
+    _same_file,
+    check_distinct,
+    _fsync_path,
+    WriteVerificationError,
+    free_space_text,
+    _verification_failed,
+    OutputGroup,
+    atomic_output,
+    _same_bytes,
+    write_bytes_atomic,
+    write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -156,80 +166,6 @@ def _execute(reader: sitk.ImageFileReader, path: Path) -> sitk.Image:
         raise InputError(f"{path}: truncated or corrupt file: {problem}; refusing to read it "
                          f"(the missing voxels would read as zeros)")
     return image
-
-
-def _stream_length(fh) -> int:
-    """Bytes left in ``fh`` (gzip streams are decompressed, which checks their CRC and length)."""
-    total = 0
-    while True:
-        block = fh.read(1 << 22)
-        if not block:
-            return total
-        total += len(block)
-
-
-def _nifti_promise(head: bytes) -> Optional[Tuple[int, int]]:
-    """(data offset, data bytes) promised by a NIfTI-1/2 header, or None if ``head`` is not one."""
-    for endian in "<>":
-        if len(head) < 348:
-            return None
-        size = struct.unpack(endian + "i", head[:4])[0]
-        if size == 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
-            magic = head[344:348]
-            break
-        if size == 540 and len(head) >= 540:
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
-            dims = struct.unpack(endian + "8q", head[16:80])
-            offset = struct.unpack(endian + "q", head[168:176])[0]
-            magic = b"n+2\0"
-            break
-    else:
-        return None
-    if magic[:3] != b"n+1" and magic[:3] != b"n+2":  # .hdr/.img pair: data in another file
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    count = 1
-    for d in dims[1:ndim + 1]:
-        count *= max(int(d), 1)
-    return max(offset, size + 4 if size == 348 else size), count * bitpix // 8
-
-
-def truncation_problem(path: Union[str, os.PathLike]) -> Optional[str]:
-    """Why a NIfTI / gzip file is incomplete (a text naming the numbers), or None if it looks whole.
-
-    Checks a gzip stream's end marker and CRC, and that a NIfTI file holds the bytes its header
-    promises (offset + voxels x bits per voxel). Other formats return None (SimpleITK reports
-    short NRRD / MetaImage reads itself).
-    """
-    path = Path(path)
-    name = path.name.lower()
-    gz = name.endswith(".gz")
-    nifti = name.endswith((".nii", ".nii.gz"))
-    if not (gz or nifti):
-        return None
-    try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
-            head = fh.read(544)
-            total = len(head) + _stream_length(fh)
-    except EOFError:
-        return "the compressed (gzip) data ends before its end marker"
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        return f"the compressed (gzip) data is damaged ({exc})"
-    if not nifti:
-        return None
-    promise = _nifti_promise(head)
-    if promise is None:
-        return None
-    offset, data_bytes = promise
-    if total < offset + data_bytes:
-        return (f"the NIfTI header promises {offset + data_bytes} bytes ({data_bytes} of voxel data at "
-                f"offset {offset}) but the {'decompressed ' if gz else ''}file holds {total}")
-    return None
 
 
 def _check_scalar(reader: sitk.ImageFileReader, path: Path) -> None:
@@ -441,34 +377,7 @@ def read_segmentation(path: Union[str, os.PathLike], label_names: Optional[Mappi
     return masks, ijk_to_ras
 
 
-# --------------------------------------------------------------------------- atomic output
-
-FAULT_ENV = "MEDFM_FAULT_KILL_AT"
-
-
-def fault_point(name: str) -> None:
-    """Test hook: the process kills itself (SIGKILL) here when ``$MEDFM_FAULT_KILL_AT`` is ``name``.
-
-    Placed before, during and after each write so that the kill-anywhere tests can check that a
-    kill at any of them leaves outputs complete or absent. Costs one environment lookup.
-    """
-    if os.environ.get(FAULT_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give an output file name")
-    if not path.parent.is_dir():
-        what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise InputError(f"{path}: the output folder {path.parent} {what}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if path.exists() and not path.is_file():
-        raise InputError(f"{path}: exists and is not a regular file (a device or pipe?); not replaced")
-
+# --------------------------------------------------------------------------- atomic output (atomic.py)
 
 #: Output kinds and the file name endings each accepts (checked by :func:`check_output_path`).
 OUTPUT_SUFFIXES: Dict[str, Tuple[str, ...]] = {
@@ -504,207 +413,6 @@ def check_output_path(path: Union[str, os.PathLike], kind: str, overwrite: bool 
     except OSError as exc:
         raise InputError(f"{label}: cannot write in the output folder {path.parent} ({exc.strerror})") from None
     return path
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links
-    except OSError:
-        return False
-
-
-def check_distinct(outputs: Sequence[Tuple[str, Union[str, os.PathLike, None]]],
-                   inputs: Sequence[Tuple[str, Union[str, os.PathLike, None]]]) -> None:
-    """Refuse an output that is (symlinks and hard links resolved) an input or another output.
-
-    ``outputs`` / ``inputs``: ``(label, path)`` pairs, e.g. ``("--labelmap", "x.nii.gz")``; None
-    paths are skipped. Raises :class:`InputError` naming both.
-    """
-    outs = [(label, Path(p)) for label, p in outputs if p]
-    ins = [(label, Path(p)) for label, p in inputs if p]
-    for n, (label, out) in enumerate(outs):
-        for other_label, other in ins + outs[:n]:
-            if _same_file(out, other):
-                what = "input" if (other_label, other) in ins else "output"
-                raise InputError(f"{label} {out} is the same file as the {what} {other_label} {other}; "
-                                 f"refusing to overwrite it: choose another output name")
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY if directory else os.O_RDWR
-    try:
-        fd = os.open(str(path), flags)
-    except OSError:
-        if directory:  # some platforms cannot open folders; the rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-class WriteVerificationError(OSError):
-    """A written file did not read back as written (disk full, a writer that failed silently)."""
-
-
-def free_space_text(folder: Union[str, os.PathLike]) -> str:
-    """'N MB free on FOLDER' (or why it is unknown)."""
-    try:
-        free = shutil.disk_usage(str(folder)).free
-    except OSError as exc:
-        return f"free space on {folder} unknown ({exc.strerror})"
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if free >= size:
-            return f"{free / size:.3g} {unit} free on {folder}"
-    return f"{free} bytes free on {folder}"
-
-
-def _verification_failed(path: Path, detail: str) -> WriteVerificationError:
-    kept = f"the previous {path.name} was kept" if path.exists() else "nothing was written"
-    try:
-        full = shutil.disk_usage(str(path.parent)).free < (1 << 20)
-    except OSError:
-        full = False
-    return WriteVerificationError(
-        errno.ENOSPC if full else errno.EIO,
-        f"{path}: the written file does not read back as written ({detail}); {free_space_text(path.parent)}; "
-        f"{'the disk is probably full; ' if full else ''}{kept}")
-
-
-class OutputGroup:
-    """Outputs of one command, replaced all together or not at all.
-
-    Writers given ``group=`` write and verify their temporary file but leave the rename to
-    :meth:`commit`; use it as a context manager::
-
-        with io.OutputGroup() as group:
-            io.write_segmentation(out, masks, m, group=group)
-            io.write_labelmap(labels, masks, m, group=group)   # fails: out is not touched either
-
-    On leaving the block without error every output is renamed into place (each rename atomic; if
-    a rename fails, outputs this group created are removed again); on an error every temporary
-    file is removed and no output changes.
-    """
-
-    def __init__(self) -> None:
-        self._staged: List[Tuple[Path, Path, bool]] = []
-
-    def __enter__(self) -> "OutputGroup":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.commit()
-        finally:
-            self.discard()
-
-    def stage(self, tmp: Path, path: Path, overwrite: bool) -> None:
-        self._staged.append((tmp, path, overwrite))
-
-    def commit(self) -> None:
-        for _, path, overwrite in self._staged:  # check every target before renaming any
-            if not overwrite and path.exists():
-                raise InputError(f"{path}: was created by someone else while writing; not replaced")
-        created: List[Path] = []
-        try:
-            while self._staged:
-                tmp, path, _ = self._staged[0]
-                existed = path.exists()
-                fault_point("before-rename")
-                os.replace(tmp, path)
-                fault_point("renamed")
-                self._staged.pop(0)
-                if not existed:
-                    created.append(path)
-                _fsync_path(path.parent, directory=True)
-        except BaseException:
-            for path in created:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            raise
-
-    def discard(self) -> None:
-        for tmp, _, _ in self._staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        self._staged.clear()
-
-
-@contextlib.contextmanager
-def atomic_output(path: Union[str, os.PathLike], overwrite: bool = False, suffix: str = "",
-                  verify: Optional[Callable[[Path], Optional[str]]] = None,
-                  group: Optional[OutputGroup] = None) -> Iterator[Path]:
-    """Context manager yielding a temporary path to write; on success it replaces ``path``.
-
-    The temporary file is created next to ``path`` (name ``.<name>.<random>.tmp<suffix>``, so a
-    writer that chooses its format by extension sees ``suffix``). On exit without error it is
-    checked by ``verify(tmp)`` (which returns None when the file is right, else what is wrong: the
-    write then fails with a :class:`WriteVerificationError` naming the file and the free space),
-    fsynced and renamed over ``path`` with ``os.replace`` (by ``group.commit()`` when a
-    :class:`OutputGroup` is given); on any error it is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    _check_output(path, overwrite)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    os.close(fd)
-    try:
-        yield tmp
-        fault_point("temp-written")
-        _fsync_path(tmp)
-        problem = verify(tmp) if verify is not None else None
-        if problem:
-            raise _verification_failed(path, problem)
-        if group is not None:
-            group.stage(tmp, path, overwrite)
-            return
-        if not overwrite and path.exists():
-            raise InputError(f"{path}: was created by someone else while writing; not replaced")
-        os.replace(tmp, path)
-        fault_point("renamed")
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if exc.filename or str(path) in str(exc):
-            raise
-        raise OSError(exc.errno, f"{path}: {exc.strerror or exc}; {free_space_text(path.parent)}; "
-                      f"{'the previous file was kept' if path.exists() else 'nothing was written'}") from exc
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_path(path.parent, directory=True)
-
-
-def _same_bytes(data: bytes) -> Callable[[Path], Optional[str]]:
-    def verify(tmp: Path) -> Optional[str]:
-        size = tmp.stat().st_size
-        if size != len(data):
-            return f"{size} of {len(data)} bytes on disk"
-        if tmp.read_bytes() != data:
-            return "its content differs from what was written"
-        return None
-    return verify
-
-
-def write_bytes_atomic(path: Union[str, os.PathLike], data: bytes, overwrite: bool = False,
-                       group: Optional[OutputGroup] = None) -> None:
-    """Write a file atomically and verified (see :func:`atomic_output`)."""
-    with atomic_output(path, overwrite, verify=_same_bytes(data), group=group) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-
-def write_text_atomic(path: Union[str, os.PathLike], text: str, overwrite: bool = False) -> None:
-    """Write a UTF-8 text file atomically and verified (see :func:`atomic_output`)."""
-    write_bytes_atomic(path, text.encode("utf-8"), overwrite)
 
 
 def _image_verifier(image: sitk.Image) -> Callable[[Path], Optional[str]]:

@@ -140,6 +140,7 @@ print(json.dumps({{"after_import_mb": after_import, "before_fill_mb": before_fil
 """
 
 
+@pytest.mark.slow  # a subprocess that exports the encoder again and fills a 3 GB-scale cache: ~70 s
 def test_a_512x512x300_ct_session_is_bounded_by_its_cache():
     """Filling the cache with 812 embeddings grows the process by the cache's bound, not more (heap
     fragmentation was 1.3 GB on top before ``limit_heap_fragmentation``); the session (model, volume,
