@@ -91,6 +91,20 @@ def intensity_range(array_kji: np.ndarray, preset: Preset) -> Tuple[float, float
     return float(lo), float(hi)
 
 
+def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.5) -> str:
+    """The CT rule chosen leave-one-dataset-out (bench_2d.py --grid): the soft-tissue window, unless more
+    than ``mostly`` of the box is bone (> 300 HU) or air (< -500 HU); then the full range.
+
+    Not yet the session's default: a session maps its volume with one preset (see README, Accuracy).
+    """
+    x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
+    inside = np.asarray(slice_hu)[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
+    if inside.size == 0:
+        raise InputError(f"box {box_xy!r} holds no pixel of the slice (shape {np.shape(slice_hu)})")
+    share = float(((inside > 300) | (inside < -500)).mean())
+    return "ct-full" if share > mostly else "ct-soft-tissue"
+
+
 def fitted_window(slice_raw: np.ndarray, box_xy, grow: float = 0.25,
                   percentiles: Tuple[float, float] = (1.0, 99.0)) -> Tuple[float, float]:
     """A window fitted to the intensities in and around a box: percentiles of the raw values inside the
