@@ -8,21 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MedFMSegmentLib import geometry, io
+from MedFMSegmentLib import io
 from MedFMSegmentLib.preprocess import ct_preset_for_box
 from MedFMSegmentLib.session import PromptSession
-
-
-def dice(a, b) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-
-
-def padded_box(mask2d, pad):
-    ys, xs = np.nonzero(mask2d)
-    h, w = mask2d.shape
-    return (max(int(xs.min()) - pad, 0), max(int(ys.min()) - pad, 0),
-            min(int(xs.max()) + pad, w - 1), min(int(ys.max()) + pad, h - 1))
+from MedFMTrainLib.evaluate import dice, padded_box
 
 
 @pytest.fixture(scope="module")
