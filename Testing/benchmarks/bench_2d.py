@@ -325,6 +325,11 @@ def _mean_by_structure(rows, key):
     return round(statistics.mean(statistics.mean(v) for v in per.values()), 3)
 
 
+def _per_structure(rs) -> dict:
+    keys = ["reference", "ellipse", "ellipse_in_prompt_box"] + [k for k in rs[0] if "|" in k and not k.endswith(":iou")]
+    return {k: round(statistics.mean(r[k] for r in rs), 3) for k in keys if all(k in r for r in rs)}
+
+
 def lodo(rows) -> dict:
     """Leave-one-dataset-out choice of the preprocessing rule: for each dataset, the rule (CT intensity,
     MR intensity, geometry) with the best mean over the other three datasets' means, scored held out."""
@@ -367,10 +372,7 @@ def lodo(rows) -> dict:
                                                 "per_dataset": {d: round(v, 3) for d, v in table[default].items()}},
             "top_rules_mean_over_datasets": [{"rule": list(k), **{d: round(v, 3) for d, v in table[k].items()}}
                                              for k in ranking],
-            "per_structure": {n: {k: _mean_by_structure([r for r in rows if r["structure"] == n], k)
-                                  for k in ("reference", "ellipse", "ellipse_in_prompt_box")
-                                  + tuple(x for x in rows[0] if "|" in x and not x.endswith(":iou")
-                                          and all(x in r for r in rows if r["structure"] == n))}
+            "per_structure": {n: _per_structure([r for r in rows if r["structure"] == n])
                               for n in dict.fromkeys(r["structure"] for r in rows)},
             "slices": len(rows)}
 
