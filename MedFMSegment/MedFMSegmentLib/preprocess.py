@@ -68,7 +68,10 @@ def guess_modality(array_kji: np.ndarray) -> str:
     return "ct" if lo < -500 and array_kji.dtype.kind in "if" else "mr"
 
 
-def resolve_preset(preset: Optional[str], array_kji: np.ndarray) -> Preset:
+def resolve_preset(preset, array_kji: np.ndarray) -> Preset:
+    """A preset name (``None`` / ``"auto"``: the modality's default) or a ``Preset`` -> the ``Preset``."""
+    if isinstance(preset, Preset):
+        return preset
     if preset in (None, "auto"):
         name = DEFAULT_PRESET[guess_modality(array_kji)]
     elif preset in PRESETS:
@@ -88,7 +91,36 @@ def intensity_range(array_kji: np.ndarray, preset: Preset) -> Tuple[float, float
     return float(lo), float(hi)
 
 
-def normalise_volume(array_kji, preset: Optional[str] = None) -> Tuple[np.ndarray, Preset, Tuple[float, float]]:
+def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.5) -> str:
+    """The CT rule chosen leave-one-dataset-out (bench_2d.py --grid): the soft-tissue window, unless more
+    than ``mostly`` of the box is bone (> 300 HU) or air (< -500 HU); then the full range.
+
+    Not yet the session's default: a session maps its volume with one preset (see README, Accuracy).
+    """
+    x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
+    inside = np.asarray(slice_hu)[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
+    if inside.size == 0:
+        raise InputError(f"box {box_xy!r} holds no pixel of the slice (shape {np.shape(slice_hu)})")
+    share = float(((inside > 300) | (inside < -500)).mean())
+    return "ct-full" if share > mostly else "ct-soft-tissue"
+
+
+def fitted_window(slice_raw: np.ndarray, box_xy, grow: float = 0.25,
+                  percentiles: Tuple[float, float] = (1.0, 99.0)) -> Tuple[float, float]:
+    """A window fitted to the intensities in and around a box: percentiles of the raw values inside the
+    box grown by ``grow`` of its side on each side (a candidate adaptive rule, see bench_2d.py --grid)."""
+    h, w = slice_raw.shape
+    x0, y0, x1, y1 = box_xy
+    gx, gy = grow * (x1 - x0 + 1), grow * (y1 - y0 + 1)
+    r = slice_raw[max(int(y0 - gy), 0):min(int(np.ceil(y1 + gy)), h - 1) + 1,
+                  max(int(x0 - gx), 0):min(int(np.ceil(x1 + gx)), w - 1) + 1]
+    lo, hi = np.percentile(r, percentiles)
+    if hi <= lo:
+        lo, hi = float(slice_raw.min()), float(slice_raw.max())
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+def normalise_volume(array_kji, preset=None) -> Tuple[np.ndarray, Preset, Tuple[float, float]]:
     """Map a volume to uint8 0..255 with one intensity range for the whole volume."""
     a = validate_volume(array_kji)
     p = resolve_preset(preset, a)

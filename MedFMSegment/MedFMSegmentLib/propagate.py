@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -222,30 +222,11 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
 
 def segment_roi(session, roi_ijk, axis: str = "axial", config: Optional[PropagationConfig] = None,
                 progress: Progress = None, should_stop: ShouldStop = None) -> VolumeResult:
-    """Segment every slice inside a 3D box (inclusive IJK corners).
+    """Segment the object framed by a 3D box (inclusive IJK corners): see ``roi.segment_roi``.
 
-    The middle slice is prompted with the ROI's rectangle; the object is then carried toward both
-    ends, its boxes never leaving the ROI, so slices near the ends get boxes fitted to the object
-    rather than the whole rectangle. The session's prompts are left as they were.
+    Kept here for existing callers; a ``PropagationConfig`` passes its margin and minimum area on.
     """
-    geometry.check_axis(axis)
-    (i0, j0, k0), (i1, j1, k1) = [[float(v) for v in c] for c in roi_ijk]
-    lo_ijk = np.floor(np.minimum([i0, j0, k0], [i1, j1, k1])).astype(int)
-    hi_ijk = np.ceil(np.maximum([i0, j0, k0], [i1, j1, k1])).astype(int)
-    shape_ijk = np.array(session.shape[::-1])
-    if np.any(hi_ijk < 0) or np.any(lo_ijk > shape_ijk - 1):
-        raise InputError(f"ROI {roi_ijk} lies outside the volume (i, j, k sizes {tuple(shape_ijk)})")
-    lo_ijk, hi_ijk = np.maximum(lo_ijk, 0), np.minimum(hi_ijk, shape_ijk - 1)
-    first = geometry.ijk_to_slice(lo_ijk, axis)[0]
-    last = geometry.ijk_to_slice(hi_ijk, axis)[0]
-    _, box = geometry.box_ijk_to_slice(lo_ijk, hi_ijk, axis)
-    middle = (first + last) // 2
-    # the ROI already says where the object ends: only a vanishing or jumping mask stops it early
-    cfg = replace(config or PropagationConfig(), intensity_tol=float("inf"), min_score=0.0)
-    saved = session.save_prompts()
-    try:
-        session.add_box(axis, middle, box)
-        return propagate(session, axis=axis, seeds=[middle], limits=(first, last), clamp_box=box,
-                         config=cfg, progress=progress, should_stop=should_stop)
-    finally:
-        session.restore_prompts(saved)
+    from . import roi
+
+    cfg = None if config is None else roi.RoiConfig(margin_mm=config.margin_mm, min_area_mm2=config.min_area_mm2)
+    return roi.segment_roi(session, roi_ijk, axis=axis, config=cfg, progress=progress, should_stop=should_stop)

@@ -32,9 +32,15 @@ from MedFMSegmentLib.preprocess import full_slice_crop, model_to_slice, slice_to
 from MedFMSegmentLib.session import PromptSession, SessionConfig  # noqa: E402
 
 
-def reference_predict(model, slice_raw: np.ndarray, box_xy) -> np.ndarray:
-    """Official LiteMedSAM inference: per-slice min-max to 0..255, longest side -> 256, pad, box scaled."""
+REFERENCE_CT_WINDOW = (-160.0, 240.0)  # MedSAM's own CT preprocessing: soft tissue, level 40, width 400
+
+
+def reference_predict(model, slice_raw: np.ndarray, box_xy, ct: bool = False) -> np.ndarray:
+    """LiteMedSAM as its authors run it: CT clipped to the soft-tissue window (L40 / W400), then per-slice
+    min-max to 0..255, longest side (in pixels) -> 256, padded, box scaled; no spacing correction."""
     s = slice_raw.astype(np.float32)
+    if ct:
+        s = np.clip(s, *REFERENCE_CT_WINDOW)
     u8 = np.clip((s - s.min()) / max(s.max() - s.min(), 1e-8) * 255, 0, 255)
     crop = full_slice_crop(s.shape, (1.0, 1.0), model.input_size)  # pixel grid, no spacing correction
     img = slice_to_model(u8, crop)
@@ -90,7 +96,8 @@ def run(args) -> dict:
                 session.reset()
                 row["medfm"] = D.dice(session.add_box(axis, index, box).mask, gt)
                 if args.reference:
-                    row["reference"] = D.dice(reference_predict(session.model, geometry.get_slice(array, axis, index), box), gt)
+                    row["reference"] = D.dice(reference_predict(session.model, geometry.get_slice(array, axis, index), box,
+                                                               ct=st.modality == "ct"), gt)
                 if args.clicks:
                     session.reset()
                     ys, xs = np.nonzero(gt)
@@ -188,6 +195,188 @@ def latency(args) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ rule grid, leave-one-dataset-out
+GRID_STRUCTURES = ["Thalamus_L", "Putamen_L", "Caudate_L", "Hippocampus_L", "Amygdala_L", "Cerebellum_L", "Brain",
+                   "CT_head", "CT_skull", "CT_intracranial", "Aorta", "T12", "Tumour"]
+GRID_INTENSITY = {"ct": ["ct-soft-tissue", "ct-full", "ct-bone", "fitted"], "mr": ["mr", "fitted"]}
+GRID_GEOMETRY = {"z1": 1.0, "z2": 2.0, "full": None}  # zoom context, or None = whole slice (square pixels)
+# geometries measured with one intensity per modality only (cost): zoom with context 0.5, whole slice on the
+# pixel grid (no square-pixel resampling; differs from "full" only on anisotropic slices)
+GRID_EXTRA = {"ct": ("ct-soft-tissue", ["z0.5", "fullpix"]), "mr": ("mr", ["z0.5", "fullpix"])}
+
+
+def _grid_crop(geometry_name, box, shape, spacing, size, min_crop_mm):
+    from MedFMSegmentLib.preprocess import box_crop
+
+    if geometry_name == "full":
+        return full_slice_crop(shape, spacing, size)
+    if geometry_name == "fullpix":
+        return full_slice_crop(shape, (1.0, 1.0), size)
+    return box_crop(box, shape, spacing, size, float(geometry_name[1:]), min_crop_mm)
+
+
+def grid_slice(session, array, st, axis, index, volume_ranges) -> dict:
+    """Every candidate preprocessing on one slice: Dice and predicted IoU, plus the slice's features."""
+    from MedFMSegmentLib.preprocess import PRESETS, Preset, fitted_window
+
+    raw = geometry.get_slice(array, axis, index)
+    gt = geometry.get_slice(st.mask, axis, index)
+    sy, sx = geometry.slice_pixel_spacing(volume_ranges["matrix"], axis)
+    box = D.prompt_box(gt, (sy, sx))
+    x0, y0, x1, y1 = box
+    inside = raw[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+    h, w = raw.shape
+    row = {"dataset": st.dataset, "modality": st.modality, "structure": st.name, "axis": axis, "index": index,
+           "box_frac": round(max((x1 - x0 + 1) * sx, (y1 - y0 + 1) * sy) / max(h * sy, w * sx), 4),
+           "bone_frac": round(float((inside > 300).mean()), 4), "air_frac": round(float((inside < -500).mean()), 4),
+           "ellipse": D.dice(D.ellipse_in_box(gt.shape, D.padded_box(gt, 0)), gt),
+           "ellipse_in_prompt_box": D.dice(D.ellipse_in_box(gt.shape, box), gt)}
+    row["reference"] = D.dice(reference_predict(session.model, raw, box, ct=st.modality == "ct"), gt)
+    matrix = np.diag([sx, sy, 1.0, 1.0])  # the slice as a one-slice volume with its own pixel spacing
+    extra_int, extra_geoms = GRID_EXTRA[st.modality]
+    for name in GRID_INTENSITY[st.modality]:
+        if name == "fitted":
+            window = fitted_window(raw, box)
+        elif PRESETS[name].window is not None:
+            window = PRESETS[name].window
+        else:
+            window = volume_ranges[name]  # the per-volume percentiles, computed on the whole volume
+        session.set_volume(raw[None], matrix, preset=Preset(name, "", window=window))
+        geoms = list(GRID_GEOMETRY) + (extra_geoms if name == extra_int else [])
+        for g in geoms:
+            crop = _grid_crop(g, box, raw.shape, (sy, sx), session.model.input_size, session.config.min_crop_mm)
+            _, score, mask = session.predict("axial", 0, box, crop=crop)
+            row[f"{name}|{g}"] = round(D.dice(mask, gt), 4)
+            row[f"{name}|{g}:iou"] = round(score, 4)
+    return row
+
+
+def grid(args) -> dict:
+    """Measure every candidate rule's inputs on a fixed set of slices (JSON lines, resumable), then LODO."""
+    from MedFMSegmentLib.preprocess import PRESETS, intensity_range
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.grid_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["structure"], r["axis"], r["index"]))
+    vols, structs = D.volumes(), D.structures()
+    tasks = []
+    for name in args.structures or GRID_STRUCTURES:
+        st = structs[name]
+        n = args.per_plane_mri if st.volume == "mri" else args.per_plane
+        for axis in st.axes:
+            for rank, index in enumerate(D.sample_slices(st.mask, axis, n)):
+                tasks.append((rank, name, axis, index))
+    tasks.sort(key=lambda t: t[0])  # one slice of every structure and plane first: partial runs cover all
+    session = PromptSession(config=SessionConfig(), cache_bytes=256 << 20, precision=args.precision,
+                            compile=args.compile)
+    ranges = {}
+    t0 = time.perf_counter()
+    for n_done, (_, name, axis, index) in enumerate(tasks):
+        if (name, axis, index) in done:
+            continue
+        st = structs[name]
+        array, m = vols[st.volume]
+        if st.volume not in ranges:
+            ranges[st.volume] = {"matrix": m, "mr": intensity_range(array, PRESETS["mr"])}
+        row = grid_slice(session, array, st, axis, index, ranges[st.volume])
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        logging.warning("%d/%d %s %s %d  %.0f s", n_done + 1, len(tasks), name, axis, index, time.perf_counter() - t0)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return lodo(rows)
+
+
+def _rules(modality):
+    """Candidate rules for one modality: name -> (intensity chooser, geometry chooser), both row -> key part."""
+    ints = {n: (lambda r, n=n: n) for n in GRID_INTENSITY[modality]}
+    if modality == "ct":
+        for t in (0.2, 0.35, 0.5):
+            ints[f"soft, bone if bone>{t}"] = lambda r, t=t: "ct-bone" if r["bone_frac"] > t else "ct-soft-tissue"
+            ints[f"soft, full if bone>{t}"] = lambda r, t=t: "ct-full" if r["bone_frac"] > t else "ct-soft-tissue"
+            ints[f"soft, full if bone or air>{t}"] = (lambda r, t=t: "ct-full" if r["bone_frac"] + r["air_frac"] > t
+                                                      else "ct-soft-tissue")
+    geoms = {g: (lambda r, g=g: g) for g in list(GRID_GEOMETRY) + GRID_EXTRA[modality][1]}
+    for c in ("z0.5", "z1", "z2"):
+        for t in (0.1, 0.2, 0.3):
+            geoms[f"{c} if box<{t} else full"] = lambda r, c=c, t=t: c if r["box_frac"] < t else "full"
+    return ints, geoms
+
+
+def _score(rows, int_rule, geom_rule):
+    """Mean over structures of the mean Dice over slices; None when a row lacks the chosen measurement."""
+    per = {}
+    for r in rows:
+        key = f"{int_rule(r)}|{geom_rule(r)}"
+        if key not in r:
+            return None
+        per.setdefault(r["structure"], []).append(r[key])
+    return statistics.mean(statistics.mean(v) for v in per.values())
+
+
+def _mean_by_structure(rows, key):
+    per = {}
+    for r in rows:
+        per.setdefault(r["structure"], []).append(r[key])
+    return round(statistics.mean(statistics.mean(v) for v in per.values()), 3)
+
+
+def _per_structure(rs) -> dict:
+    keys = ["reference", "ellipse", "ellipse_in_prompt_box"] + [k for k in rs[0] if "|" in k and not k.endswith(":iou")]
+    return {k: round(statistics.mean(r[k] for r in rs), 3) for k in keys if all(k in r for r in rs)}
+
+
+def lodo(rows) -> dict:
+    """Leave-one-dataset-out choice of the preprocessing rule: for each dataset, the rule (CT intensity,
+    MR intensity, geometry) with the best mean over the other three datasets' means, scored held out."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    by = {d: [r for r in rows if r["dataset"] == d] for d in datasets}
+    mod = {d: by[d][0]["modality"] for d in datasets}
+    ict, gct = _rules("ct")
+    imr, gmr = _rules("mr")
+    geoms = [g for g in gct if g in gmr]
+    table = {}  # (ct rule, mr rule, geometry) -> dataset -> score
+    for g in geoms:
+        for ic in ict:
+            for im in imr:
+                sc = {}
+                for d in datasets:
+                    ir = ict[ic] if mod[d] == "ct" else imr[im]
+                    sc[d] = _score(by[d], ir, (gct if mod[d] == "ct" else gmr)[g])
+                if all(v is not None for v in sc.values()):
+                    table[(ic, im, g)] = sc
+    baselines = {d: {k: _mean_by_structure(by[d], k) for k in ("reference", "ellipse", "ellipse_in_prompt_box")}
+                 for d in datasets}
+    for d in datasets:
+        old = "ct-full|z2" if mod[d] == "ct" else "mr|z2"
+        baselines[d]["medfm_before (ct-full / mr, zoom context 2)"] = _mean_by_structure(by[d], old)
+    folds = {}
+    for d in datasets:
+        train = [x for x in datasets if x != d]
+        best = max(table, key=lambda k: statistics.mean(table[k][x] for x in train))
+        oracle = max(table, key=lambda k: table[k][d])
+        folds[d] = {"chosen_on_the_other_three": {"ct": best[0], "mr": best[1], "geometry": best[2]},
+                    "train_mean": round(statistics.mean(table[best][x] for x in train), 3),
+                    "held_out": round(table[best][d], 3), **baselines[d],
+                    "best_in_sample_on_this_dataset": round(table[oracle][d], 3),
+                    "best_in_sample_rule": list(oracle), "slices": len(by[d]),
+                    "structures": len({r["structure"] for r in by[d]})}
+    choices = [tuple(f["chosen_on_the_other_three"].values()) for f in folds.values()]
+    default = max(set(choices), key=lambda c: (choices.count(c), statistics.mean(table[c].values())))
+    ranking = sorted(table, key=lambda k: -statistics.mean(table[k].values()))[:15]
+    return {"folds": folds, "default_by_lodo": {"rule": list(default), "chosen_in_folds": choices.count(default),
+                                                "per_dataset": {d: round(v, 3) for d, v in table[default].items()}},
+            "top_rules_mean_over_datasets": [{"rule": list(k), **{d: round(v, 3) for d, v in table[k].items()}}
+                                             for k in ranking],
+            "per_structure": {n: _per_structure([r for r in rows if r["structure"] == n])
+                              for n in dict.fromkeys(r["structure"] for r in rows)},
+            "slices": len(rows)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-plane", type=int, default=5)
@@ -200,6 +389,10 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true", help="also run the official reference pipeline")
     p.add_argument("--clicks", action="store_true")
     p.add_argument("--latency", action="store_true", help="only measure latency")
+    p.add_argument("--grid", action="store_true", help="candidate preprocessing rules + leave-one-dataset-out")
+    p.add_argument("--grid-file", default="/tmp/bench_i9/grid2d.jsonl", help="per-slice results (resumed)")
+    p.add_argument("--per-plane-mri", type=int, default=2, help="--grid: slices per plane on Colin27")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--latency-slices", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp", default="/tmp")
@@ -209,7 +402,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if args.v else logging.WARNING)
     if not D.available():
         sys.exit(f"shared data not found at {D.DATA}")
-    result = latency(args) if args.latency else run(args)
+    result = latency(args) if args.latency else grid(args) if args.grid else run(args)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

