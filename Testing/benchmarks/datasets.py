@@ -104,3 +104,27 @@ def ellipsoid_in_box(shape, lo_kji, hi_kji) -> np.ndarray:
     r = [(b - a + 1) / 2 for a, b in zip(lo_kji, hi_kji)]
     kk, jj, ii = np.ogrid[:shape[0], :shape[1], :shape[2]]
     return ((((kk - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((ii - c[2]) / r[2]) ** 2) <= 1).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- chest CT and tumour MRI
+# (appended for bench_effort.py: the structures of every shared dataset, each with its own volume)
+
+@functools.lru_cache(maxsize=None)
+def all_volumes() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """``volumes()`` plus ``"chest"`` (chest CT) and ``"tumour"`` (brain tumour MRI)."""
+    out = dict(volumes())
+    out["chest"] = read(DATA / "chest_ct" / "chest_ct.nii.gz")
+    out["tumour"] = read(DATA / "brain_tumour_mr" / "brain1_image.nrrd")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def all_structures() -> Dict[str, Structure]:
+    """``structures()`` plus ``Aorta`` and ``T12`` (chest CT) and ``Tumour`` (brain tumour MRI)."""
+    out = dict(structures())
+    for name, file in (("Aorta", "aorta.nii.gz"), ("T12", "vertebrae_T12.nii.gz")):
+        mask, _ = read(DATA / "chest_ct" / file)
+        out[name] = Structure(name, "chest", (mask > 0).astype(np.uint8))
+    mask, _ = read(DATA / "brain_tumour_mr" / "brain1_label.nrrd")
+    out["Tumour"] = Structure("Tumour", "tumour", (mask > 0).astype(np.uint8), axes=("axial",))
+    return out
