@@ -14,6 +14,7 @@ edge, or where it meets the next seed (slices between two seeds take the nearer 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,17 +44,37 @@ class PropagationConfig:
     max_area_ratio: float = 3.0  # a sudden jump is a leak: the object ends
     min_overlap: float = 0.3  # IoU with the previous slice's mask below this: the object ends
     intensity_tol: float = 1.0  # mean intensity further than this many seed SDs from the seed's: ends
+    min_stability: float = 0.0  # Dice of the mask with its jittered-box mask below this: the object ends
+    # Between two fixed slices of which at least one is pinned (a correction): the prompt is the
+    # shape interpolated between them (centroid-aligned signed distances), the result the model's
+    # probability fused with it; the model's weight grows with the distance to the nearer fixed slice.
+    fill_model_weight: float = 0.5
+    fill_ramp_slices: float = 4.0
+    prior_softness_px: float = 1.0  # signed distance -> probability: sigmoid(distance / this)
+    jitter_px: float = 3.0  # the confidence's jittered box: grown by this many pixels on every side
+    # review confidence = weighted mean of the per-slice signals present (see VolumeResult.signals)
+    confidence_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0))
 
 
 @dataclass
 class VolumeResult:
     mask: np.ndarray  # uint8 [k, j, i]
     axis: str
-    scores: Dict[int, float] = field(default_factory=dict)  # slice index -> predicted IoU
+    scores: Dict[int, float] = field(default_factory=dict)  # slice index -> predicted IoU (walked slices)
     seeds: List[int] = field(default_factory=list)
     stopped: Dict[str, str] = field(default_factory=dict)  # "down"/"up" per seed -> why it stopped
     seconds: float = 0.0
     encoded: int = 0  # slices whose image embedding had to be computed
+    pinned: List[int] = field(default_factory=list)  # corrected slices on ``axis`` (kept exactly)
+    # per non-fixed slice: {"iou": predicted IoU, "jitter": Dice with the jittered box's mask, "agree":
+    # Dice with the interpolation between fixed slices or with the previous slice's mask, "distance":
+    # slices to the nearest fixed slice}; border slices (the first empty slice past an end) have "border"
+    signals: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    confidence: Dict[int, float] = field(default_factory=dict)  # every non-fixed slice touched or bordering
+    review: List[dict] = field(default_factory=list)  # [{"axis", "index", "confidence"}], least confident first
+    recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
+    crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
+    jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice
 
 
 def _check_callbacks(should_stop: ShouldStop):
@@ -73,56 +94,167 @@ def _grow_box(box, shape_yx, mx, my, clamp=None):
     return x0, y0, x1, y1
 
 
-def _walk(session, axis, start_mask, start, stop, step, cfg, clamp_box, result, fixed, progress_tick,
-          should_stop) -> str:
+def _dice2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+class _Runner:
+    """Model runs of one propagation call: window reuse (cached embeddings), signals, bookkeeping."""
+
+    def __init__(self, session, axis, cfg, result, crops, tick, should_stop):
+        self.session, self.axis, self.cfg, self.result = session, axis, cfg, result
+        self.crops, self.tick, self.should_stop = crops, tick, should_stop
+        self.shape_yx = geometry.slice_shape(session.shape, axis)
+        sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
+        self.mx, self.my = cfg.margin_mm / sx, cfg.margin_mm / sy
+        self.min_area = cfg.min_area_mm2 / (sx * sy)
+
+    def box_around(self, mask, clamp=None):
+        box = geometry.box_from_mask(mask)
+        if box is None:
+            return None
+        fx = self.cfg.margin_frac * (box[2] - box[0] + 1)
+        fy = self.cfg.margin_frac * (box[3] - box[1] + 1)
+        return _grow_box(box, self.shape_yx, self.mx + fx, self.my + fy, clamp)
+
+    def predict(self, index, box):
+        """(logits, score, mask, jitter Dice) on a slice; the slice's earlier window is reused if the box fits."""
+        s = self.session
+        crop = self.crops.get(index)
+        if crop is None or not s._crop_fits(self.axis, crop, box):
+            crop = s.crop_for(self.axis, box)
+        before = s.cache.misses
+        logits, score, mask = s.predict(self.axis, index, box, crop=crop)
+        self.result.encoded += s.cache.misses - before
+        self.crops[index] = crop
+        j = self.cfg.jitter_px
+        jbox = _grow_box(box, self.shape_yx, j, j)
+        jitter = 1.0
+        if j > 0 and s._crop_fits(self.axis, crop, jbox):
+            _, _, jmask = s.predict(self.axis, index, jbox, crop=crop)  # same window: decoder only
+            jitter = _dice2(keep_components_touching(jmask, mask > 0) if mask.any() else jmask, mask)
+        self.result.recomputed.append(index)
+        return logits, score, mask, jitter
+
+    def accept(self, index, mask, signals):
+        geometry.set_slice(self.result.mask, self.axis, index, mask)
+        self.result.signals[index] = signals
+
+
+def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box) -> str:
     """Carry ``start_mask`` from slice ``start`` toward ``stop`` (exclusive) in direction ``step``."""
-    shape_yx = geometry.slice_shape(session.shape, axis)
-    sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
-    mx, my = cfg.margin_mm / sx, cfg.margin_mm / sy
-    min_area = cfg.min_area_mm2 / (sx * sy)
+    session, axis, cfg, result = run.session, run.axis, run.cfg, run.result
     seed_values = session.normalised_slice(axis, start)[start_mask > 0].astype(np.float32)
     seed_mean, seed_sd = float(seed_values.mean()), max(float(seed_values.std()), 4.0)
     prev = start_mask
     index = start + step
+    n = geometry.num_slices(session.shape, axis)
+
+    def border(why, score=None):  # the slice past the object's end: the user may want to extend it
+        if 0 <= index < n and index not in fixed:
+            result.signals[index] = {"border": 1.0 - (score if score is not None else 0.0),
+                                     "distance": float(abs(index - start))}
+        return why
+
     while index != stop:
         if index in fixed:
             return f"reached seed slice {index}"
-        if not 0 <= index < geometry.num_slices(session.shape, axis):
+        if not 0 <= index < n:
             return "reached the edge of the volume"
-        _check_callbacks(should_stop)
-        box = geometry.box_from_mask(prev)
-        if box is not None:
-            fx, fy = cfg.margin_frac * (box[2] - box[0] + 1), cfg.margin_frac * (box[3] - box[1] + 1)
-            box = _grow_box(box, shape_yx, mx + fx, my + fy, clamp_box)
+        _check_callbacks(run.should_stop)
+        box = run.box_around(prev, clamp_box)
         if box is None:
             return f"left the ROI at slice {index}"
-        before = session.cache.misses
-        r = session.segment_box(axis, index, box)
-        result.encoded += session.cache.misses - before
-        mask = r.mask
+        _, score, mask, jitter = run.predict(index, box)
         if mask.any():  # keep what continues the object from the previous slice
             mask = keep_components_touching(mask, _dilate(prev > 0, 2))
         area, prev_area = int(mask.sum()), int(prev.sum())
-        progress_tick(index)
-        if area < min_area:
-            return f"object ended at slice {index} (area {area} px)"
-        if r.score < cfg.min_score:
-            return f"object ended at slice {index} (predicted IoU {r.score:.2f})"
+        run.tick(index)
+        if area < run.min_area:
+            return border(f"object ended at slice {index} (area {area} px)", score if area else 0.0)
+        if score < cfg.min_score:
+            return border(f"object ended at slice {index} (predicted IoU {score:.2f})", score)
         if area < cfg.min_area_ratio * prev_area:
-            return f"object ended at slice {index} (area fell from {prev_area} to {area} px)"
+            return border(f"object ended at slice {index} (area fell from {prev_area} to {area} px)", score)
         if area > cfg.max_area_ratio * prev_area:
-            return f"stopped at slice {index}: area jumped from {prev_area} to {area} px (leak)"
+            return border(f"stopped at slice {index}: area jumped from {prev_area} to {area} px (leak)", score)
         overlap = (mask & (prev > 0)).sum() / max(((mask > 0) | (prev > 0)).sum(), 1)
         if overlap < cfg.min_overlap:
-            return f"object ended at slice {index} (overlap with the previous slice {overlap:.2f})"
+            return border(f"object ended at slice {index} (overlap with the previous slice {overlap:.2f})", score)
+        if jitter < cfg.min_stability:
+            return border(f"object ended at slice {index} (unstable under a jittered box: {jitter:.2f})", score)
         mean = float(session.normalised_slice(axis, index)[mask > 0].mean())
         if abs(mean - seed_mean) > cfg.intensity_tol * seed_sd:
-            return f"object ended at slice {index} (intensity {mean:.0f} vs {seed_mean:.0f} +- {seed_sd:.0f} at the seed)"
-        geometry.set_slice(result.mask, axis, index, mask)
-        result.scores[index] = r.score
+            return border(f"object ended at slice {index} (intensity {mean:.0f} vs {seed_mean:.0f} +- "
+                          f"{seed_sd:.0f} at the seed)", score)
+        run.accept(index, mask, {"iou": score, "jitter": jitter, "agree": _dice2(mask, prev),
+                                 "distance": float(abs(index - start))})
+        result.scores[index] = score
         prev = mask
         index += step
     return "reached the end of the range"
+
+
+def _sdf(mask: np.ndarray) -> np.ndarray:
+    """Signed distance to the mask's border in pixels, positive inside (a huge negative if empty)."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return np.full(mask.shape, -1e6, np.float32)
+    d = sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), insideIsPositive=True,
+                                     squaredDistance=False, useImageSpacing=False)
+    return sitk.GetArrayFromImage(d).astype(np.float32)
+
+
+def _shift(a: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    out = np.full_like(a, fill)
+    h, w = a.shape
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[yd, xd] = a[ys, xs]
+    return out
+
+
+def interpolate_shape(mask_a: np.ndarray, mask_b: np.ndarray, t: float) -> np.ndarray:
+    """The signed distance of the shape a fraction ``t`` of the way from ``mask_a`` to ``mask_b``.
+
+    Both shapes are moved to the interpolated centroid first (a tube that drifts sideways stays a
+    tube), then their signed distances are blended linearly; ``> 0`` is the interpolated mask.
+    """
+    ca, cb = np.argwhere(mask_a > 0).mean(axis=0), np.argwhere(mask_b > 0).mean(axis=0)
+    move = cb - ca
+    da, db = np.round(t * move).astype(int), np.round(-(1 - t) * move).astype(int)
+    sa, sb = _sdf(mask_a), _sdf(mask_b)
+    fill = float(min(sa.min(), sb.min()))
+    return (1 - t) * _shift(sa, da[0], da[1], fill) + t * _shift(sb, db[0], db[1], fill)
+
+
+def _fill(run: _Runner, a, b, mask_a, mask_b) -> str:
+    """Slices strictly between fixed slices ``a`` < ``b`` (both non-empty): interpolation + model, fused."""
+    cfg = run.cfg
+    for index in range(a + 1, b):
+        _check_callbacks(run.should_stop)
+        t = (index - a) / (b - a)
+        sdf = interpolate_shape(mask_a, mask_b, t)
+        prior = (sdf > 0).astype(np.uint8)
+        distance = float(min(index - a, b - index))
+        run.tick(index)
+        if not prior.any():
+            run.accept(index, prior, {"agree": 0.0, "distance": distance})
+            continue
+        box = run.box_around(prior)
+        logits, score, model_mask, jitter = run.predict(index, box)
+        w = cfg.fill_model_weight * min(1.0, distance / max(cfg.fill_ramp_slices, 1e-6))
+        logits_t = np.clip(logits - run.session.config.mask_threshold, -30, 30)
+        p = w / (1 + np.exp(-logits_t)) + (1 - w) / (1 + np.exp(-np.clip(sdf / cfg.prior_softness_px, -30, 30)))
+        mask = (p > 0.5).astype(np.uint8)
+        if mask.any():
+            mask = keep_components_touching(mask, prior > 0)
+        run.accept(index, mask, {"iou": score, "jitter": jitter, "agree": _dice2(model_mask, prior),
+                                 "distance": distance})
+    return "filled between the fixed slices"
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
@@ -137,16 +269,74 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
+def confidence_of(signals: Dict[str, float], cfg: PropagationConfig) -> float:
+    """One slice's review confidence in [0, 1] from its signals (see ``PropagationConfig.confidence_weights``)."""
+    if "border" in signals:
+        return float(np.clip(signals["border"], 0.0, 1.0))
+    num = den = 0.0
+    for name, weight in cfg.confidence_weights:
+        if name in signals:
+            num += weight * float(signals[name])
+            den += weight
+    return float(np.clip(num / den, 0.0, 1.0)) if den else 0.5
+
+
+def _mask_digest(mask: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(mask > 0).tobytes()).hexdigest()[:16]
+
+
+def _plan(session, axis, fixed, seeds, lo, hi, pinned):
+    """The jobs of a propagation: ("walk", seed, stop, step) and ("fill", a, b), and what each covers."""
+    jobs = []
+    mask = {f: session.slice_state(axis, f).mask for f in fixed}
+    empty = {f: not mask[f].any() for f in fixed}
+    for s in seeds:
+        below = [f for f in fixed if f < s]
+        above = [f for f in fixed if f > s]
+        for name, step, nb, edge in (("down", -1, below[-1] if below else None, lo - 1),
+                                     ("up", +1, above[0] if above else None, hi + 1)):
+            if empty[s]:
+                continue
+            if nb is None:
+                jobs.append((name, ("walk", s, edge, step)))
+            elif empty[nb]:
+                jobs.append((name, ("walk", s, nb, step)))  # toward an empty slice: never crosses it
+            elif s in pinned or nb in pinned:
+                a, b = sorted((s, nb))
+                jobs.append((name, ("fill", a, b)))
+            else:  # two prompted (not corrected) slices: each takes the half nearer to it
+                mid = (s + nb) // 2 + (1 if step > 0 else 0)
+                jobs.append((name, ("walk", s, mid, step)))
+    out, seen = [], set()
+    for name, job in jobs:
+        if job in seen:
+            continue
+        seen.add(job)
+        if job[0] == "walk":
+            _, s, stop, step = job
+            cover = (s + 1, stop - 1) if step > 0 else (stop + 1, s - 1)
+            cover = (max(cover[0], lo), min(cover[1], hi))
+            sig = ("walk", s, stop, step, _mask_digest(mask[s]))
+        else:
+            _, a, b = job
+            cover, sig = (a + 1, b - 1), ("fill", a, b, _mask_digest(mask[a]), _mask_digest(mask[b]))
+        out.append((name, job, cover, sig))
+    return out, empty
+
+
 def propagate(session, axis: Optional[str] = None, direction: str = "both", seeds: Optional[Sequence[int]] = None,
-              previous: Optional[np.ndarray] = None, from_index: Optional[int] = None,
+              previous=None, from_index: Optional[int] = None,
               limits: Optional[Tuple[int, int]] = None, clamp_box=None,
               config: Optional[PropagationConfig] = None, progress: Progress = None,
               should_stop: ShouldStop = None) -> VolumeResult:
-    """Carry the session's prompted slices through the volume along ``axis`` (see module docstring).
+    """Carry the session's prompted and pinned slices through the volume along ``axis`` (module docstring).
 
     - ``seeds``: slice indices to start from (default: every prompted slice on ``axis``);
-    - ``previous`` + ``from_index``: re-propagate after a correction on slice ``from_index``: only the
-      slices between its neighbouring seeds are recomputed, the rest of ``previous`` is kept;
+    - ``previous``: a ``VolumeResult`` of an earlier call: only the slices whose result can change
+      (those next to a fixed slice that was added, changed or removed, or all after the adapter
+      changed) are recomputed, the rest is kept, and the slices' model windows are reused;
+    - ``previous`` as a mask + ``from_index``: re-propagate after a correction on slice ``from_index``:
+      only the slices between its neighbouring seeds are recomputed, the rest of ``previous`` is kept;
     - ``limits``: inclusive (first, last) slice range; ``clamp_box``: boxes never leave this 2D box;
     - ``progress(fraction, message)``, ``should_stop()``: raise ``Cancelled`` and change nothing.
     """
@@ -162,7 +352,8 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
     if direction not in ("both", "up", "down"):
         raise InputError(f"direction must be both, up or down, got {direction!r}")
     n = geometry.num_slices(session.shape, axis)
-    fixed = {i for a, i in prompted if a == axis}
+    fixed = sorted({i for a, i in prompted if a == axis})
+    pinned = {i for a, i in session.pinned_slices(axis)}
     seeds = sorted(fixed if seeds is None else {int(s) for s in seeds})
     if not seeds:
         raise InputError(f"no prompted slice on the {axis} axis to propagate from")
@@ -170,31 +361,56 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
         if (axis, s) not in prompted:
             raise InputError(f"{axis} slice {s} has no prompt: it cannot seed propagation")
     lo, hi = (0, n - 1) if limits is None else (max(int(limits[0]), 0), min(int(limits[1]), n - 1))
-    result = VolumeResult(np.zeros(session.shape, np.uint8), axis, seeds=list(seeds))
-    if previous is not None:
+    result = VolumeResult(np.zeros(session.shape, np.uint8), axis, seeds=list(seeds), pinned=sorted(pinned))
+    kept: Optional[VolumeResult] = None
+    if isinstance(previous, VolumeResult):
+        if previous.mask.shape != tuple(session.shape) or previous.axis != axis:
+            raise InputError(f"previous result is on the {previous.axis} axis with shape {previous.mask.shape}; "
+                             f"this propagation is {axis} on {session.shape}")
+        kept = previous
+        result.crops = dict(previous.crops)
+    elif previous is not None:
+        previous = np.asarray(previous)
         if previous.shape != tuple(session.shape):
             raise InputError(f"previous mask has shape {previous.shape}, the volume {session.shape}")
         result.mask[...] = previous > 0
-    all_fixed = sorted(fixed)
-
-    def reach(s):  # exclusive (down, up) stops of seed s: slices between seeds go to the nearer one
-        below = [f for f in all_fixed if f < s]
-        above = [f for f in all_fixed if f > s]
-        return ((below[-1] + s) // 2 if below else lo - 1), ((s + above[0]) // 2 + 1 if above else hi + 1)
-
+    adapter_id = getattr(session.adapter, "digest", None if session.adapter is None else id(session.adapter))
     if from_index is not None:
         if from_index not in fixed:
             raise InputError(f"{axis} slice {from_index} has no prompt: nothing to re-propagate from")
-        down, up = reach(from_index)
-        sl = [slice(None)] * 3
-        sl[geometry.array_axis(axis)] = slice(down + 1, up)
-        result.mask[tuple(sl)] = 0  # the corrected seed's own range is recomputed; the rest is kept
         seeds = [from_index]
         result.seeds = [from_index]
-    for s in all_fixed:  # user slices are fixed: their masks stand as they are
+    plan, empty = _plan(session, axis, fixed, seeds, lo, hi, pinned)
+    plan = [p for p in plan if direction == "both" or p[0] == direction]
+    ax = geometry.array_axis(axis)
+
+    def clear(first, last):
+        if first <= last:
+            sl = [slice(None)] * 3
+            sl[ax] = slice(first, last + 1)
+            result.mask[tuple(sl)] = 0
+
+    todo = []
+    for name, job, cover, sig in plan:
+        sig = sig + (adapter_id, repr(cfg), None if clamp_box is None else tuple(clamp_box))
+        if kept is not None and sig in kept.jobs:  # same bounds, same masks, same model: keep it
+            first, last = kept.jobs[sig]
+            sl = [slice(None)] * 3
+            sl[ax] = slice(first, last + 1)
+            result.mask[tuple(sl)] = kept.mask[tuple(sl)]
+            for i in range(first, last + 1):
+                if i in kept.signals:
+                    result.signals[i] = kept.signals[i]
+                if i in kept.scores:
+                    result.scores[i] = kept.scores[i]
+            result.jobs[sig] = (first, last)
+            continue
+        if previous is not None and not isinstance(previous, VolumeResult):
+            clear(*cover)  # the corrected seed's own range is recomputed; the rest is kept
+        todo.append((name, job, cover, sig))
+    for s in fixed:  # user slices are fixed: their masks stand as they are
         geometry.set_slice(result.mask, axis, s, session.slice_state(axis, s).mask)
-    total = max(sum((s - reach(s)[0] - 1 if direction in ("both", "down") else 0)
-                    + (reach(s)[1] - s - 1 if direction in ("both", "up") else 0) for s in seeds), 1)
+    total = max(sum(max(c[1] - c[0] + 1, 0) for _, _, c, _ in todo), 1)
     done = [0]
 
     def tick(index):
@@ -202,21 +418,39 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
         if progress is not None:
             progress(min(done[0] / total, 1.0), f"{axis} slice {index}")
 
+    run = _Runner(session, axis, cfg, result, result.crops, tick, should_stop)
     for s in seeds:
-        mask = session.slice_state(axis, s).mask
-        if not mask.any():
+        if empty[s] and (s not in pinned or len(fixed) == 1):
             result.stopped[f"{s}"] = "seed mask is empty"
-            continue
-        down, up = reach(s)
-        for name, stop, step in (("down", down, -1), ("up", up, +1)):
-            if direction in ("both", name):
-                result.stopped[f"{s} {name}"] = _walk(session, axis, mask, s, stop, step, cfg, clamp_box, result,
-                                                      fixed - {s}, tick, should_stop)
+    fixed_set = set(fixed)
+    for name, job, cover, sig in todo:
+        if job[0] == "walk":
+            _, s, stop, step = job
+            mask = session.slice_state(axis, s).mask
+            result.stopped[f"{s} {name}"] = _walk(run, mask, s, stop, step, fixed_set - {s}, clamp_box)
+        else:
+            _, a, b = job
+            result.stopped[f"{a}-{b}"] = _fill(run, a, b, session.slice_state(axis, a).mask,
+                                               session.slice_state(axis, b).mask)
+        result.jobs[sig] = cover
+    for i in fixed:
+        result.signals.pop(i, None)
+    touched = set(np.nonzero(result.mask.any(axis=tuple(x for x in range(3) if x != ax)))[0].tolist())
+    for i, sig in result.signals.items():  # only slices the result touches or borders are reviewed
+        if i in touched or "border" in sig:
+            result.confidence[i] = round(confidence_of(sig, cfg), 4)
+    for i in touched - fixed_set - set(result.confidence):
+        result.confidence[i] = 0.5
+    for i in fixed_set - pinned:  # a prompted slice is the model's answer too: the user may review it
+        if lo <= i <= hi:
+            result.confidence[i] = round(float(session.slice_state(axis, i).score), 4)
+    result.review = [{"axis": axis, "index": int(i), "confidence": c}
+                     for i, c in sorted(result.confidence.items(), key=lambda kv: (kv[1], kv[0]))]
     if progress is not None:
         progress(1.0, "done")
     result.seconds = time.perf_counter() - t0
-    log.info("propagated %s from seeds %s in %.1f s (%d slices encoded): %s", axis, seeds, result.seconds,
-             result.encoded, result.stopped)
+    log.info("propagated %s from seeds %s in %.1f s (%d slices computed, %d encoded): %s", axis, seeds,
+             result.seconds, len(result.recomputed), result.encoded, result.stopped)
     return result
 
 

@@ -145,6 +145,7 @@ class SliceState:
     score: float = 0.0
     crop: Optional[Crop] = None  # the model window used; kept while later prompts fit in it
     click_regions: Dict[int, np.ndarray] = field(default_factory=dict)  # point number -> local object mask
+    pinned: bool = False  # a corrected slice (``set_slice_mask``): its mask is kept exactly, may be empty
 
 
 @dataclass
@@ -443,7 +444,7 @@ class PromptSession:
         index = geometry.check_index(self._volume_u8.shape, axis, index)
         box = self._check_box(axis, index, box_xy)
         key = (axis, index)
-        state = copy.deepcopy(self._states.get(key)) or SliceState()
+        state = self._editable_state(key)
         state.box_xy, state.user_box = box, True
         return self._run(key, state)
 
@@ -466,10 +467,15 @@ class PromptSession:
             raise InputError(f"point {ijk if ijk is not None else xy_slice} lies outside the {axis} slice "
                              f"{index} (x 0..{w - 1}, y 0..{h - 1})")
         key = (axis, index)
-        state = copy.deepcopy(self._states.get(key)) or SliceState()
+        state = self._editable_state(key)
         state.points.append(((x, y), bool(positive)))
         state.box_xy = self._box_after_click(axis, index, state, (x, y), bool(positive))
         return self._run(key, state)
+
+    def _editable_state(self, key: SliceKey) -> SliceState:
+        """A copy of the slice's prompts to add to; a pinned slice's prompts start afresh (the pin goes)."""
+        old = self._states.get(key)
+        return SliceState() if old is None or old.pinned else copy.deepcopy(old)
 
     def _run(self, key: SliceKey, state: SliceState) -> SliceResult:
         axis, index = key
@@ -490,6 +496,32 @@ class PromptSession:
         self._history.append((key, self._states.get(key)))
         self._states[key] = state
         return SliceResult(axis, index, mask, score, state.box_xy)
+
+    def set_slice_mask(self, axis: str, index: int, mask) -> SliceResult:
+        """Pin a slice to a user-corrected mask (uint8/bool ``(H, W)`` on the volume grid; may be empty).
+
+        A pinned slice is kept exactly by propagation, never overwritten, seeds it, and an empty one
+        says "the object is absent here" (propagation never crosses it). Undoable like any prompt;
+        a later box or click on the slice replaces the pin.
+        """
+        self._require_volume()
+        geometry.check_axis(axis)
+        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        m = np.asarray(mask)
+        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        if m.shape != tuple(shape):
+            raise InputError(f"mask for {axis} slice {index} has shape {m.shape}, the slice is {tuple(shape)}")
+        if not (m.dtype == bool or np.issubdtype(m.dtype, np.integer)):
+            raise InputError(f"mask for {axis} slice {index} must be bool or integer, got {m.dtype}")
+        key = (axis, index)
+        state = SliceState(mask=(m > 0).astype(np.uint8), score=1.0, pinned=True)
+        self._history.append((key, self._states.get(key)))
+        self._states[key] = state
+        return SliceResult(axis, index, state.mask, 1.0, None)
+
+    def pinned_slices(self, axis: Optional[str] = None) -> List[SliceKey]:
+        """The corrected (pinned) slices, optionally only those on ``axis``."""
+        return [k for k, s in self._states.items() if s.pinned and (axis is None or k[0] == axis)]
 
     # ---------------------------------------------------------- click strategy
     def _mm_to_px(self, axis: str, mm: float) -> Tuple[float, float]:
@@ -620,7 +652,8 @@ class PromptSession:
         self._states, self._history = dict(states), list(history)
 
     def prompted_slices(self) -> List[SliceKey]:
-        return [k for k, s in self._states.items() if s.mask is not None and (s.box_xy is not None or s.points)]
+        return [k for k, s in self._states.items()
+                if s.mask is not None and (s.box_xy is not None or s.points or s.pinned)]
 
     def slice_state(self, axis: str, index: int) -> Optional[SliceState]:
         return self._states.get((axis, index))

@@ -1,0 +1,314 @@
+"""The user's effort to a correct 3D segmentation: MedFM's correction loop against Fill between slices.
+
+    python Testing/benchmarks/bench_effort.py [--structures ...] [--corrections 10] [--adapt] [--out FILE]
+
+Per structure (axial slicing), a simulated user:
+- draws one box (ground-truth box + 2 px) on the middle slice of the structure and propagates;
+- then corrects one slice at a time (replaces it with the ground truth: ``session.set_slice_mask``) and
+  the tool re-propagates (``propagate(..., previous=vol)``), up to ``--corrections`` times;
+- picks the slice two ways: ``guided`` (the first slice of ``vol.review`` not yet corrected) and
+  ``oracle`` (the slice with the most wrong voxels); ``--adapt`` adds ``guided_adapt`` (guided with
+  the online adapter, MedFMTrainLib.online, updated from the corrected slices before re-propagation).
+
+Reported: 3D Dice after each step, slices touched (box slice + corrections) to reach 0.85 / 0.90,
+slices visited by the first propagation vs the true extent, time per re-propagation / adaptation,
+the confidence's Spearman rank correlation with the true per-slice Dice (every candidate signal and
+the combined confidence), and in the same run the baselines:
+- ``fbs``: Fill between slices (ITK's morphological contour interpolation, the filter of Slicer's
+  effect) from n ground-truth slices, n = 2..12, evenly spaced over the extent incl. first and last;
+- ``fbs_same``: Fill between slices from exactly the slices each simulated user touched, per step;
+- ``ellipse``: the box's inscribed ellipse on every slice of the true extent (first step).
+Intermediate JSON goes to ``--tmp`` after every structure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment"), str(HERE.parents[1] / "MedFMTrain")]
+
+import datasets as D  # noqa: E402
+from MedFMSegmentLib import geometry  # noqa: E402
+from MedFMSegmentLib.propagate import PropagationConfig, confidence_of, propagate  # noqa: E402
+from MedFMSegmentLib.session import PromptSession  # noqa: E402
+
+log = logging.getLogger("bench_effort")
+DEFAULT = ["Thalamus_L", "T12", "Tumour", "Putamen_L", "Caudate_L", "Hippocampus_L", "Pallidum_L",
+           "Amygdala_L", "Cerebellum_L", "CT_intracranial", "Aorta"]
+AXIS = "axial"
+
+
+def cpu_info() -> dict:
+    flags, model = [], platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx", "sse4"))]
+                break
+    except OSError:
+        pass
+    return {"model": model, "isa": sorted(set(flags)), "threads": torch.get_num_threads()}
+
+
+def extent(gt):
+    ks = np.nonzero(gt.any(axis=(1, 2)))[0]
+    return int(ks.min()), int(ks.max())
+
+
+def fill_between_slices(gt, slices):
+    """ITK MorphologicalContourInterpolator (Slicer's Fill between slices) from the GT on ``slices``."""
+    import itk
+
+    slices = sorted(set(int(s) for s in slices))
+    (k0, j0, i0), (k1, j1, i1) = geometry.bbox_kji(gt)
+    j0, i0 = max(j0 - 2, 0), max(i0 - 2, 0)
+    j1, i1 = min(j1 + 2, gt.shape[1] - 1), min(i1 + 2, gt.shape[2] - 1)
+    lo, hi = min(slices + [k0]), max(slices + [k1])
+    sub = np.zeros((hi - lo + 1, j1 - j0 + 1, i1 - i0 + 1), np.uint8)
+    for k in slices:
+        sub[k - lo] = gt[k, j0:j1 + 1, i0:i1 + 1]
+    out = np.zeros_like(gt)
+    if sub.any():
+        f = itk.MorphologicalContourInterpolator.New(itk.image_from_array(sub))
+        f.SetAxis(2)  # ITK index order (i, j, k): interpolate across axial slices
+        f.Update()
+        out[lo:hi + 1, j0:j1 + 1, i0:i1 + 1] = itk.array_from_image(f.GetOutput()) > 0
+    return out
+
+
+def spread(first, last, n):
+    return sorted({int(round(v)) for v in np.linspace(first, last, n)})
+
+
+def spearman(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+
+    def rank(v):
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for u in np.unique(v):  # average ranks for ties
+            m = v == u
+            r[m] = r[m].mean()
+        return r
+
+    return round(float(np.corrcoef(rank(x), rank(y))[0, 1]), 3)
+
+
+def slice_dice(a, b):
+    return D.dice(a, b) if (a.any() or b.any()) else 1.0
+
+
+def review_rows(vol, gt, step):
+    """(index, signals, confidence, true per-slice Dice, wrong voxels) for every reviewed slice."""
+    rows = []
+    for item in vol.review:
+        k = item["index"]
+        sig = dict(vol.signals.get(k, {}))
+        rows.append({"step": step, "index": k, "confidence": item["confidence"], "signals": sig,
+                     "dice": round(slice_dice(vol.mask[k], gt[k]), 4),
+                     "wrong": int((vol.mask[k] != gt[k]).sum())})
+    return rows
+
+
+def first_reaching(dices, threshold):
+    for n, d in enumerate(dices):
+        if d >= threshold:
+            return n + 1  # slices touched: the box slice + n corrections
+    return None
+
+
+def run_user(session, gt, mode, args, adapt=None):
+    """One simulated user on one structure; returns its record."""
+    first, last = extent(gt)
+    mid = (first + last) // 2
+    ks = np.nonzero(gt.any(axis=(1, 2)))[0]
+    mid = int(ks[np.argmin(np.abs(ks - mid))])
+    box = D.padded_box(gt[mid], 2)
+    session.reset()
+    session.adapter = None
+    session.add_box(AXIS, mid, box)
+    t = time.perf_counter()
+    vol = propagate(session, axis=AXIS)
+    first_seconds = time.perf_counter() - t
+    visited = sorted(set(vol.recomputed) | {mid})
+    rec = {"box_slice": mid, "dice": [round(D.dice(vol.mask, gt), 4)], "touched": [mid],
+           "first_propagation": {"seconds": round(first_seconds, 1), "encoded": vol.encoded,
+                                 "visited": [min(visited), max(visited)], "n_visited": len(visited),
+                                 "result_extent": list(extent(vol.mask)) if vol.mask.any() else None,
+                                 "stopped": vol.stopped},
+           "repropagation_seconds": [], "recomputed": [], "encoded": [], "adapt_seconds": [],
+           "review": review_rows(vol, gt, 0)}
+    corrected = set()
+    for step in range(1, args.corrections + 1):
+        if mode.startswith("guided"):
+            pick = next((r["index"] for r in vol.review if r["index"] not in corrected), None)
+            if pick is None:  # nothing left to review: the largest remaining error
+                mode_used = "oracle-fallback"
+            else:
+                mode_used = "review"
+        if mode == "oracle" or (mode.startswith("guided") and pick is None):
+            wrong = (vol.mask != gt).sum(axis=(1, 2)).astype(float)
+            for k in corrected:
+                wrong[k] = -1
+            pick = int(np.argmax(wrong))
+            mode_used = mode if mode == "oracle" else "oracle-fallback"
+        corrected.add(pick)
+        session.set_slice_mask(AXIS, pick, gt[pick])
+        if adapt is not None:
+            t = time.perf_counter()
+            session.adapter = adapt(session)
+            rec["adapt_seconds"].append(round(time.perf_counter() - t, 2))
+        t = time.perf_counter()
+        vol = propagate(session, axis=AXIS, previous=vol)
+        rec["repropagation_seconds"].append(round(time.perf_counter() - t, 2))
+        rec["recomputed"].append(len(vol.recomputed))
+        rec["encoded"].append(vol.encoded)
+        rec["touched"].append(pick)
+        rec["dice"].append(round(D.dice(vol.mask, gt), 4))
+        rec.setdefault("picked_by", []).append(mode_used)
+        rec["review"] += review_rows(vol, gt, step)
+        log.warning("%s step %d: corrected %d -> Dice %.3f (%.1f s, %d slices recomputed, %d encoded)", mode, step,
+                    pick, rec["dice"][-1], rec["repropagation_seconds"][-1], len(vol.recomputed), vol.encoded)
+    session.adapter = None
+    rec["slices_to_0.85"] = first_reaching(rec["dice"], 0.85)
+    rec["slices_to_0.90"] = first_reaching(rec["dice"], 0.90)
+    rec["fbs_same"] = [round(D.dice(fill_between_slices(gt, rec["touched"][:n + 1]), gt), 4)
+                       for n in range(len(rec["touched"]))]
+    return rec
+
+
+def confidence_study(records, cfg):
+    """Spearman of each candidate signal (and of the configured confidence) with the true slice Dice."""
+    rows = [r for rec in records for r in rec["review"]]
+    out = {"n": len(rows), "confidence": spearman([r["confidence"] for r in rows], [r["dice"] for r in rows])}
+    inner = [r for r in rows if "border" not in r["signals"]]
+    for name in ("iou", "jitter", "agree", "distance"):
+        have = [r for r in inner if name in r["signals"]]
+        vals = [r["signals"][name] if name != "distance" else -r["signals"][name] for r in have]
+        out[name] = spearman(vals, [r["dice"] for r in have])
+    combos = {"iou+jitter": (("iou", 1.0), ("jitter", 1.0)), "jitter+agree": (("jitter", 1.0), ("agree", 1.0)),
+              "iou+jitter+agree": (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0)),
+              "jitter+2agree": (("jitter", 1.0), ("agree", 2.0))}
+    for name, weights in combos.items():
+        c = PropagationConfig(confidence_weights=weights)
+        vals = [confidence_of(r["signals"], c) if r["signals"] else r["confidence"] for r in rows]
+        out[name] = spearman(vals, [r["dice"] for r in rows])
+    return out
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    vols, structs = D.volumes(), D.structures()
+    sessions = {}
+    adapt = None
+    if args.adapt:
+        from MedFMTrainLib import online
+
+        def adapt(session):
+            return online.adapt_from_corrections(session, AXIS, organ="bench")
+    out = {"cpu": cpu_info(), "precision": args.precision, "corrections": args.corrections, "structures": {}}
+    for name in args.structures:
+        st = structs[name]
+        if st.volume not in sessions:
+            s = PromptSession(precision=args.precision)
+            array, m = vols[st.volume]
+            s.set_volume(array, m)
+            sessions[st.volume] = s
+        session, gt = sessions[st.volume], st.mask
+        first, last = extent(gt)
+        row = {"volume": st.volume, "extent": [first, last], "slices": int(gt.any(axis=(1, 2)).sum())}
+        fbs = {}
+        for n in range(2, 13):
+            fbs[n] = round(D.dice(fill_between_slices(gt, spread(first, last, n)), gt), 4)
+        row["fbs"] = fbs
+        row["fbs_slices_to_0.85"] = next((n for n in sorted(fbs) if fbs[n] >= 0.85), None)
+        row["fbs_slices_to_0.90"] = next((n for n in sorted(fbs) if fbs[n] >= 0.90), None)
+        mid = int(np.nonzero(gt.any(axis=(1, 2)))[0][np.argmin(np.abs(np.nonzero(gt.any(axis=(1, 2)))[0] - (first + last) // 2))])
+        ell = np.zeros_like(gt)
+        e2 = D.ellipse_in_box(gt[mid].shape, D.padded_box(gt[mid], 2))
+        ell[first:last + 1] = e2
+        row["ellipse"] = round(D.dice(ell, gt), 4)
+        modes = list(args.modes) + (["guided_adapt"] if args.adapt else [])
+        for mode in modes:
+            t = time.perf_counter()
+            row[mode] = run_user(session, gt, mode, args, adapt if mode == "guided_adapt" else None)
+            row[mode]["seconds"] = round(time.perf_counter() - t, 1)
+            row[mode]["confidence_spearman"] = confidence_study([row[mode]], PropagationConfig())
+            log.warning("%s %s: Dice %s", name, mode, row[mode]["dice"])
+        out["structures"][name] = row
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
+        (Path(args.tmp) / "bench_effort_partial.json").write_text(json.dumps(out, indent=1))
+    out["summary"] = summarize(out, modes)
+    return out
+
+
+def summarize(out, modes) -> dict:
+    rows = out["structures"]
+    summ = {}
+    for mode in modes:
+        recs = [r[mode] for r in rows.values() if mode in r]
+        both = [(r[mode]["slices_to_0.90"], r["fbs_slices_to_0.90"]) for r in rows.values()
+                if mode in r and r[mode]["slices_to_0.90"] and r["fbs_slices_to_0.90"]]
+        after3 = [(r[mode]["dice"][3], r[mode]["fbs_same"][3]) for r in rows.values()
+                  if mode in r and len(r[mode]["dice"]) > 3]
+        summ[mode] = {
+            "dice_per_step_mean": [round(float(np.mean([rec["dice"][n] for rec in recs if len(rec["dice"]) > n])), 4)
+                                   for n in range(max(len(rec["dice"]) for rec in recs))] if recs else [],
+            "reached_0.90": sum(1 for rec in recs if rec["slices_to_0.90"]),
+            "slices_to_0.90_vs_fbs_where_both": both,
+            "ratio_mean_where_both": round(float(np.mean([a / b for a, b in both])), 3) if both else None,
+            "worse_than_fbs": [n for n, r in rows.items() if mode in r and r[mode]["slices_to_0.90"]
+                               and r["fbs_slices_to_0.90"] and r[mode]["slices_to_0.90"] > r["fbs_slices_to_0.90"]],
+            "after_3_minus_fbs_same_mean": round(float(np.mean([a - b for a, b in after3])), 4) if after3 else None,
+            "repropagation_seconds_mean": round(float(np.mean([s for rec in recs for s in rec["repropagation_seconds"]])), 2)
+            if recs else None,
+            "confidence_spearman": confidence_study(recs, PropagationConfig()),
+        }
+        if recs and recs[0]["adapt_seconds"]:
+            summ[mode]["adapt_seconds_mean"] = round(float(np.mean([s for rec in recs for s in rec["adapt_seconds"]])), 2)
+    if "guided" in modes and "oracle" in modes:
+        pairs = [(r["guided"]["slices_to_0.90"], r["oracle"]["slices_to_0.90"]) for r in rows.values()
+                 if "guided" in r and r["guided"]["slices_to_0.90"] and r["oracle"]["slices_to_0.90"]]
+        summ["guided_minus_oracle_slices_to_0.90"] = round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
+    summ["visited_vs_extent"] = {n: {"extent": r["extent"], "visited": r[modes[0]]["first_propagation"]["visited"],
+                                     "result": r[modes[0]]["first_propagation"]["result_extent"]}
+                                 for n, r in rows.items() if modes[0] in r}
+    return summ
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--structures", nargs="+", default=DEFAULT)
+    p.add_argument("--modes", nargs="+", default=["guided", "oracle"], choices=["guided", "oracle"])
+    p.add_argument("--corrections", type=int, default=10)
+    p.add_argument("--adapt", action="store_true", help="also run guided with online adaptation")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--tmp", default="/tmp/bench_i10")
+    p.add_argument("--out", help="write the JSON here too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    res = run(args)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
