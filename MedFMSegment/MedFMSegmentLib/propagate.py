@@ -28,8 +28,7 @@ from .session import keep_components_touching
 
 log = logging.getLogger(__name__)
 
-Progress = Optional[Callable[[float, str], None]]
-ShouldStop = Optional[Callable[[], bool]]
+from .results import Progress, ShouldStop, VolumeResult  # noqa: E402,F401  (public here)
 
 
 @dataclass
@@ -54,27 +53,6 @@ class PropagationConfig:
     jitter_px: float = 3.0  # the confidence's jittered box: grown by this many pixels on every side
     # review confidence = weighted mean of the per-slice signals present (see VolumeResult.signals)
     confidence_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0))
-
-
-@dataclass
-class VolumeResult:
-    mask: np.ndarray  # uint8 [k, j, i]
-    axis: str
-    scores: Dict[int, float] = field(default_factory=dict)  # slice index -> predicted IoU (walked slices)
-    seeds: List[int] = field(default_factory=list)
-    stopped: Dict[str, str] = field(default_factory=dict)  # "down"/"up" per seed -> why it stopped
-    seconds: float = 0.0
-    encoded: int = 0  # slices whose image embedding had to be computed
-    pinned: List[int] = field(default_factory=list)  # corrected slices on ``axis`` (kept exactly)
-    # per non-fixed slice: {"iou": predicted IoU, "jitter": Dice with the jittered box's mask, "agree":
-    # Dice with the interpolation between fixed slices or with the previous slice's mask, "distance":
-    # slices to the nearest fixed slice}; border slices (the first empty slice past an end) have "border"
-    signals: Dict[int, Dict[str, float]] = field(default_factory=dict)
-    confidence: Dict[int, float] = field(default_factory=dict)  # every non-fixed slice touched or bordering
-    review: List[dict] = field(default_factory=list)  # [{"axis", "index", "confidence"}], least confident first
-    recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
-    crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
-    jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice
 
 
 def _check_callbacks(should_stop: ShouldStop):
@@ -124,7 +102,12 @@ class _Runner:
         s = self.session
         crop = self.crops.get(index)
         if crop is None or not s._crop_fits(self.axis, crop, box):
-            crop = s.crop_for(self.axis, box)
+            # the previous slice's window while the object fits in it: the slice ahead, encoded in the
+            # background in that window, is then the one this walk asks for next
+            last = getattr(self, "last_crop", None)
+            crop = last if last is not None and s._crop_fits(self.axis, last, box) else s.crop_for(self.axis, box)
+        self.last_crop = crop
+        s._offer_window(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
         before = s.cache.misses
         logits, score, mask = s.predict(self.axis, index, box, crop=crop)
         self.result.encoded += s.cache.misses - before

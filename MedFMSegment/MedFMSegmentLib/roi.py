@@ -32,7 +32,7 @@ import numpy as np
 from . import geometry
 from .errors import Cancelled, InputError
 from .preprocess import model_to_slice
-from .propagate import Progress, ShouldStop, VolumeResult
+from .results import Progress, ShouldStop, VolumeResult
 from .session import keep_components_touching
 
 log = logging.getLogger(__name__)

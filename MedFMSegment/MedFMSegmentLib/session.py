@@ -28,7 +28,6 @@ import copy
 import itertools
 import logging
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -37,7 +36,9 @@ import numpy as np
 import torch
 
 from . import geometry, runtimes
+from .embedding_cache import EmbeddingCache  # noqa: F401  (public here)
 from .errors import InputError
+from .masks2d import _components, _cut_at, _point_region, keep_components_touching  # noqa: F401
 from .models import PromptableModel, load_model
 from .preprocess import Crop, box_crop, full_slice_crop, model_to_slice, normalise_volume, slice_to_model
 
@@ -45,66 +46,6 @@ log = logging.getLogger(__name__)
 
 SliceKey = Tuple[str, int]
 BoxXY = Tuple[float, float, float, float]
-
-
-class EmbeddingCache:
-    """Thread-safe LRU of image embeddings, bounded in bytes.
-
-    ``dtype=torch.float16`` stores embeddings at half the size (``get`` returns float32 again; masks
-    from fp16-stored embeddings agree with fp32 at Dice >= 0.999, see Testing/benchmarks/bench_latency.py);
-    None stores them as given.
-    """
-
-    def __init__(self, max_bytes: int = 2 << 30, dtype: Optional[torch.dtype] = None):
-        self.max_bytes = int(max_bytes)
-        self.dtype = dtype
-        self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def _out(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb.float() if self.dtype is not None else emb
-
-    def get(self, key) -> Optional[torch.Tensor]:
-        with self._lock:
-            emb = self._items.get(key)
-            if emb is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-        return self._out(emb)
-
-    def put(self, key, emb: torch.Tensor) -> torch.Tensor:
-        """Store ``emb``; returns the embedding exactly as ``get`` will return it."""
-        stored = emb.to(self.dtype) if self.dtype is not None else emb
-        size = stored.element_size() * stored.nelement()
-        with self._lock:
-            if key in self._items:
-                return self._out(self._items[key])
-            self._items[key] = stored
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.element_size() * old.nelement()
-        return self._out(stored)
-
-    def __contains__(self, key) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
 
 
 @dataclass
@@ -158,25 +99,6 @@ class SliceResult:
 
     def paste_into(self, mask_kji: np.ndarray) -> None:
         geometry.set_slice(mask_kji, self.axis, self.index, self.mask)
-
-
-def _components(mask: np.ndarray):
-    """Connected components (4-neighbour) of a 2D mask as a label image (pure numpy + torch)."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    return sitk.GetArrayFromImage(sitk.ConnectedComponent(img, False))
-
-
-def keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """The connected components of a 2D mask that touch ``region`` (all of it if none does)."""
-    if not mask.any():
-        return mask
-    lab = _components(mask)
-    keep = np.unique(lab[region & (lab > 0)])
-    if keep.size == 0:
-        return mask
-    return np.isin(lab, keep).astype(np.uint8)
 
 
 class PromptSession:
@@ -666,46 +588,6 @@ class PromptSession:
             if st.mask is not None:
                 geometry.get_slice(out, axis, index)[st.mask > 0] = 1
         return out
-
-
-def _cut_at(mask: np.ndarray, xy_negative: Tuple[int, int], keep_xy: Sequence[Tuple[float, float]]) -> np.ndarray:
-    """Remove the part of ``mask`` around a negative click, never reaching past the points to keep.
-
-    Removed: mask pixels nearer to the click than to every kept point, within twice the click's depth
-    in the mask (its distance to the mask's border, at least 3 px), so an edge click trims the edge and
-    a click deep in a wrong region removes that region. With no point to keep, the mask's deepest point
-    away from the click is kept. What stays is the part connected to a kept point.
-    """
-    import SimpleITK as sitk
-
-    xn, yn = xy_negative
-    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-        sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, useImageSpacing=False))
-    radius = max(2.0 * float(dist[yn, xn]), 3.0)
-    if not keep_xy:
-        yy, xx = np.indices(mask.shape)
-        near = (xx - xn) ** 2 + (yy - yn) ** 2 <= radius ** 2
-        depth = np.where((mask > 0) & ~near, dist, -np.inf)
-        if not np.isfinite(depth).any():  # the click covers the whole (small) mask: remove it all
-            return np.zeros_like(mask)
-        ky, kx = np.unravel_index(np.argmax(depth), mask.shape)
-        keep_xy = [(float(kx), float(ky))]
-    ys, xs = np.nonzero(mask)
-    d_neg = (xs - xn) ** 2 + (ys - yn) ** 2
-    d_keep = np.min([(xs - kx) ** 2 + (ys - ky) ** 2 for kx, ky in keep_xy], axis=0)
-    gone = (d_neg < d_keep) & (d_neg <= radius ** 2)
-    out = mask.copy()
-    out[ys[gone], xs[gone]] = 0
-    anchors = np.zeros(mask.shape, bool)
-    for kx, ky in keep_xy:
-        anchors[int(round(ky)), int(round(kx))] = True
-    return keep_components_touching(out, anchors)
-
-
-def _point_region(shape, x, y):
-    r = np.zeros(shape, bool)
-    r[y, x] = True
-    return r
 
 
 class _null_context:

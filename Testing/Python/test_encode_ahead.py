@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedFMSegmentLib.propagate import segment_roi
+from MedFMSegmentLib.propagate import propagate
 from MedFMSegmentLib.session import EmbeddingCache, PromptSession, SessionConfig
 
 SEGMENT_DIR = Path(__file__).resolve().parents[2] / "MedFMSegment"
@@ -61,19 +61,21 @@ def thalamus_roi(colin27_aal):
     return ((int(is_.min()) - 2, int(js.min()) - 2, k_mid - 5), (int(is_.max()) + 2, int(js.max()) + 2, k_mid + 5))
 
 
-def _roi(litemedsam, embedding, colin27, roi, ahead):
+def _walk(litemedsam, embedding, colin27, roi, ahead):
     model = stand_in(litemedsam, embedding)
     s = PromptSession(model, config=SessionConfig(encode_ahead=ahead))
     s.set_volume(*colin27)
-    r = segment_roi(s, roi, axis="axial")
+    (i0, j0, k0), (i1, j1, k1) = roi  # one box on the middle slice, carried through the volume (the walk)
+    s.add_box("axial", (k0 + k1) // 2, (i0 + 2, j0 + 2, i1 - 2, j1 - 2))
+    r = propagate(s, axis="axial")
     s.close()
     return r, model, s
 
 
 def test_encoding_ahead_gives_the_same_result_as_encoding_on_demand(litemedsam, real_embedding, colin27,
                                                                     thalamus_roi):
-    on_demand, m0, _ = _roi(litemedsam, real_embedding, colin27, thalamus_roi, ahead=0)
-    ahead, m2, s2 = _roi(litemedsam, real_embedding, colin27, thalamus_roi, ahead=2)
+    on_demand, m0, _ = _walk(litemedsam, real_embedding, colin27, thalamus_roi, ahead=0)
+    ahead, m2, s2 = _walk(litemedsam, real_embedding, colin27, thalamus_roi, ahead=2)
     assert on_demand.mask.any() and len(on_demand.scores) >= 6
     assert np.array_equal(ahead.mask, on_demand.mask) and ahead.scores == on_demand.scores
     assert not any(bg for bg, _ in m0.calls)

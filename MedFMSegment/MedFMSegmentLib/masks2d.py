@@ -1,0 +1,65 @@
+"""2D mask helpers of the click strategy: connected components, the local cut of a negative click."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+
+def _components(mask: np.ndarray):
+    """Connected components (4-neighbour) of a 2D mask as a label image (pure numpy + torch)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(img, False))
+
+
+def keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The connected components of a 2D mask that touch ``region`` (all of it if none does)."""
+    if not mask.any():
+        return mask
+    lab = _components(mask)
+    keep = np.unique(lab[region & (lab > 0)])
+    if keep.size == 0:
+        return mask
+    return np.isin(lab, keep).astype(np.uint8)
+
+
+def _cut_at(mask: np.ndarray, xy_negative: Tuple[int, int], keep_xy: Sequence[Tuple[float, float]]) -> np.ndarray:
+    """Remove the part of ``mask`` around a negative click, never reaching past the points to keep.
+
+    Removed: mask pixels nearer to the click than to every kept point, within twice the click's depth
+    in the mask (its distance to the mask's border, at least 3 px), so an edge click trims the edge and
+    a click deep in a wrong region removes that region. With no point to keep, the mask's deepest point
+    away from the click is kept. What stays is the part connected to a kept point.
+    """
+    import SimpleITK as sitk
+
+    xn, yn = xy_negative
+    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, useImageSpacing=False))
+    radius = max(2.0 * float(dist[yn, xn]), 3.0)
+    if not keep_xy:
+        yy, xx = np.indices(mask.shape)
+        near = (xx - xn) ** 2 + (yy - yn) ** 2 <= radius ** 2
+        depth = np.where((mask > 0) & ~near, dist, -np.inf)
+        if not np.isfinite(depth).any():  # the click covers the whole (small) mask: remove it all
+            return np.zeros_like(mask)
+        ky, kx = np.unravel_index(np.argmax(depth), mask.shape)
+        keep_xy = [(float(kx), float(ky))]
+    ys, xs = np.nonzero(mask)
+    d_neg = (xs - xn) ** 2 + (ys - yn) ** 2
+    d_keep = np.min([(xs - kx) ** 2 + (ys - ky) ** 2 for kx, ky in keep_xy], axis=0)
+    gone = (d_neg < d_keep) & (d_neg <= radius ** 2)
+    out = mask.copy()
+    out[ys[gone], xs[gone]] = 0
+    anchors = np.zeros(mask.shape, bool)
+    for kx, ky in keep_xy:
+        anchors[int(round(ky)), int(round(kx))] = True
+    return keep_components_touching(out, anchors)
+
+
+def _point_region(shape, x, y):
+    r = np.zeros(shape, bool)
+    r[y, x] = True
+    return r
