@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import warnings
 import os
 import platform
 import shutil
@@ -396,7 +397,9 @@ def export_openvino(module, example_inputs: tuple, folder: Path, input_shapes: O
         kwargs = {"example_input": example_inputs if len(example_inputs) > 1 else example_inputs[0]}
         if input_shapes is not None:
             kwargs["input"] = [(shape, ov.Type.f32) for shape in input_shapes]
-        model = ov.convert_model(module, **kwargs)
+        with warnings.catch_warnings():  # torch.jit's Tracer/Future warnings about the model's own code:
+            warnings.simplefilter("ignore")  # noise on the user's terminal, the probe check is what counts
+            model = ov.convert_model(module, **kwargs)
     xml = Path(folder) / "model.xml"
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
