@@ -88,6 +88,7 @@ class _Runner:
         sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
         self.mx, self.my = cfg.margin_mm / sx, cfg.margin_mm / sy
         self.min_area = cfg.min_area_mm2 / (sx * sy)
+        self.last_crop = None  # the window of the slice walked last (reused while the object fits)
 
     def box_around(self, mask, clamp=None):
         box = geometry.box_from_mask(mask)
@@ -104,7 +105,7 @@ class _Runner:
         if crop is None or not s._crop_fits(self.axis, crop, box):
             # the previous slice's window while the object fits in it: the slice ahead, encoded in the
             # background in that window, is then the one this walk asks for next
-            last = getattr(self, "last_crop", None)
+            last = self.last_crop
             crop = last if last is not None and s._crop_fits(self.axis, last, box) else s.crop_for(self.axis, box)
         self.last_crop = crop
         s._offer_window(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
