@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 
+from . import geometry
 from . import prompts as prompts_mod
 from .errors import InputError
 from .propagate import Progress, ShouldStop, propagate, segment_roi
@@ -53,27 +54,62 @@ def as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
 
 def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progress: Progress = None,
                 should_stop: ShouldStop = None) -> tuple:
-    """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info)."""
+    """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info).
+
+    ``info["review"]``: every non-corrected slice the result touches or borders as ``{"axis", "index",
+    "confidence"}``, least confident first (propagated slices: ``VolumeResult.review``; ROI slices and
+    unpropagated prompted slices: the model's predicted IoU); ``info["corrected"]``: the pinned slices.
+    """
     session.reset()
     info: dict = {}
+    confidence: Dict[tuple, float] = {}
     mask = np.zeros(session.shape, np.uint8)
     if seg.roi_ijk is not None:
         r = segment_roi(session, seg.roi_ijk, axis=seg.roi_axis, progress=progress, should_stop=should_stop)
         mask |= r.mask
         info["roi"] = {"slices": len(r.scores) + 1, "stopped": r.stopped, "seconds": round(r.seconds, 2)}
+        for index, score in r.scores.items():
+            if geometry.get_slice(r.mask, seg.roi_axis, index).any():
+                confidence[(seg.roi_axis, int(index))] = round(float(score), 4)
     for box in seg.boxes:
         session.add_box(box.axis, box.index, box.box_xy)
     for p in seg.points:
         session.add_point(axis=p.axis, index=p.index, xy_slice=p.xy_slice, positive=p.positive)
-    if seg.boxes or seg.points:
+    corr = seg.corrections
+    if corr is not None:
+        prompted, warnings = set(session.prompted_slices()), list(corr.warnings)
+        for c in corr.slices:
+            if (c.axis, c.index) in prompted:  # a correction is the user's last word on its slice
+                warnings.append(f"segment {seg.name!r}: {c.axis} slice {c.index} is corrected and also has "
+                                f"a box or points; the correction replaces them")
+                log.warning(warnings[-1])
+            session.set_slice_mask(c.axis, c.index, c.mask)
+        info["corrections"] = corr.report()
+        if warnings:
+            info["warnings"] = warnings
+    if seg.boxes or seg.points or corr is not None:
         if seg.propagate:
             for axis in sorted({a for a, _ in session.prompted_slices()}):
                 r = propagate(session, axis=axis, progress=progress, should_stop=should_stop)
                 mask |= r.mask
                 info[f"propagate_{axis}"] = {"slices": int(len(r.scores) + len(r.seeds)), "stopped": r.stopped,
                                              "seconds": round(r.seconds, 2)}
+                for item in r.review:
+                    key = (item["axis"], int(item["index"]))
+                    confidence[key] = min(confidence.get(key, 1.0), float(item["confidence"]))
         else:
             mask |= session.mask_volume()
+            for axis, index in session.prompted_slices():
+                state = session.slice_state(axis, index)
+                if not state.pinned and state.mask.any():
+                    confidence[(axis, index)] = round(float(state.score), 4)
+    pinned = sorted(session.pinned_slices(), key=lambda k: (geometry.AXES.index(k[0]), k[1]))
+    for axis, index in pinned:  # corrected slices are exact in the result, whatever else covers them
+        geometry.set_slice(mask, axis, index, session.slice_state(axis, index).mask)
+        confidence.pop((axis, index), None)
+    info["review"] = [{"axis": a, "index": i, "confidence": c}
+                      for (a, i), c in sorted(confidence.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))]
+    info["corrected"] = [{"axis": a, "index": int(i)} for a, i in pinned]
     info["voxels"] = int(mask.sum())
     return mask, info
 

@@ -147,7 +147,8 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     rep = {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
            "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
            "seconds": round(report.seconds, 2), "segments": report.segments}
-    warnings = _empty_segment_warnings(masks)
+    warnings = [w for info in report.segments.values() for w in info.get("warnings", [])]  # e.g. corrections
+    warnings += _empty_segment_warnings(masks)
     if warnings:
         rep["warnings"] = warnings
     return rep

@@ -46,6 +46,10 @@ Segment
   :func:`load_prompts` a relative path is relative to the prompts file's folder.
   ``propagate`` (default true): carry the 2D prompts (boxes, points) through the volume;
   false segments only the prompted slices.
+  ``corrections``: user-corrected slices read from a labelmap, ``{"labelmap": "corr.nii.gz",
+  "value": 1, "axis": "axial", "slices": [12, 17, 25]}``: each listed slice of ``labelmap == value``
+  is kept exactly and seeds the propagation (see :mod:`MedFMSegmentLib.corrections`); a relative
+  ``labelmap`` path is relative to the prompts file, like ``adapter``. Corrections alone are a prompt.
 
 Validation
   Any error (malformed JSON with its line and column, unknown key, missing or wrong-typed value,
@@ -77,7 +81,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import corrections as corrections_mod
 from . import geometry
+from .corrections import Corrections
 from .errors import InputError
 from .prompts_json import (  # noqa: F401  (the JSON layer; re-exported)
     MAX_DIGITS,
@@ -111,7 +117,7 @@ _EPS = 1e-6
 #: Limits that refuse a hostile or broken prompts file in well under a second (a real one is a few kB).
 
 _TOP_KEYS = ("space", "segments")
-_SEGMENT_KEYS = ("name", "roi", "roi_axis", "boxes", "points", "adapter", "propagate")
+_SEGMENT_KEYS = ("name", "roi", "roi_axis", "boxes", "points", "adapter", "propagate", "corrections")
 _BOX_KEYS = ("corners", "axis")
 _POINT_KEYS = ("position", "positive", "axis")
 _IJK = "ijk"
@@ -152,6 +158,7 @@ class SegmentPrompts:
     propagate: bool = True
     adapter: Optional[str] = None
     roi_axis: str = DEFAULT_AXIS
+    corrections: Optional[Corrections] = None  # corrected slices (pinned), read from a labelmap
 
 
 @dataclass
@@ -216,15 +223,18 @@ def _parse_segment(value: Any, where: str, problems: _Problems) -> Optional[dict
     if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
         problems.add(f"{where}.adapter", f"expected a path string or null, got {_type_name(adapter)} {adapter!r}")
     propagate = _boolean(seg.get("propagate", True), f"{where}.propagate", problems)
+    corrections = (corrections_mod.parse_corrections(seg["corrections"], f"{where}.corrections", problems)
+                   if seg.get("corrections") is not None else None)
     label = f" {name!r}" if name else ""
-    if seg.get("roi") is None and not seg.get("boxes") and not seg.get("points"):
-        problems.add(where, f"segment{label} has no prompt: give a roi, boxes or points")
-    elif seg.get("roi") is None and not boxes and points and all(p and p["positive"] is False for p in points):
+    if seg.get("roi") is None and not seg.get("boxes") and not seg.get("points") and seg.get("corrections") is None:
+        problems.add(where, f"segment{label} has no prompt: give a roi, boxes, points or corrections")
+    elif seg.get("roi") is None and not boxes and points and seg.get("corrections") is None \
+            and all(p and p["positive"] is False for p in points):
         problems.add(f"{where}.points", f"segment{label} has only negative (background) clicks: they say "
                      f"where the structure is not, so nothing would be segmented; add a box, a roi or a "
                      f"positive click")
     return {"name": name, "roi": roi, "roi_axis": roi_axis, "boxes": boxes, "points": points,
-            "adapter": adapter, "propagate": propagate}
+            "adapter": adapter, "propagate": propagate, "corrections": corrections}
 
 
 def parse_prompts(text_or_dict: Union[str, bytes, dict], source: str = "<string>") -> dict:
@@ -232,7 +242,7 @@ def parse_prompts(text_or_dict: Union[str, bytes, dict], source: str = "<string>
 
     Returns a normalised copy: ``{"space", "segments": [{"name", "roi" (or None), "roi_axis",
     "boxes": [{"corners", "axis"}], "points": [{"position", "positive", "axis"}], "adapter"
-    (or None), "propagate"}]}`` with every default filled in and every coordinate a float, still
+    (or None), "propagate", "corrections" (or None)}]}`` with every default filled in and every coordinate a float, still
     in the file's ``space``. Raises :class:`InputError` naming ``source`` and each bad key path.
     """
     if isinstance(text_or_dict, str) and text_or_dict.strip().lower().endswith(".json") \
@@ -291,7 +301,7 @@ def _check_unique_names(segments: Sequence[Optional[dict]], problems: _Problems)
 def load_prompts(path: Union[str, os.PathLike]) -> dict:
     """Read and validate a prompts JSON file (see :func:`parse_prompts`).
 
-    Relative ``adapter`` paths are made relative to the prompts file's folder.
+    Relative ``adapter`` and corrections ``labelmap`` paths are made relative to the prompts file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -310,6 +320,7 @@ def load_prompts(path: Union[str, os.PathLike]) -> dict:
         adapter = seg["adapter"]
         if adapter is not None and not Path(adapter).expanduser().is_absolute():
             seg["adapter"] = str(path.parent / adapter)
+        corrections_mod.resolve_path(seg["corrections"], path.parent)
     return raw
 
 
@@ -430,14 +441,16 @@ def _resolve_point(point: dict, name: str, where: str, vol: _Volume, problems: _
     return Point(axis, index, xy, bool(point["positive"]))
 
 
-def _resolve_segment(seg: dict, where: str, vol: _Volume, problems: _Problems) -> SegmentPrompts:
+def _resolve_segment(seg: dict, where: str, vol: _Volume, problems: _Problems, labelmaps: dict) -> SegmentPrompts:
     name = seg["name"]
+    corrections = (corrections_mod.resolve_corrections(seg, where, vol.shape_kji, vol.matrix, problems, labelmaps)
+                   if seg["corrections"] is not None else None)
     roi = _resolve_roi(seg, where, vol, problems) if seg["roi"] is not None else None
     boxes = [_resolve_box(b, name, f"{where}.boxes[{n}]", vol, problems) for n, b in enumerate(seg["boxes"])]
     points = [_resolve_point(p, name, f"{where}.points[{n}]", vol, problems) for n, p in enumerate(seg["points"])]
     return SegmentPrompts(name=name, roi_ijk=roi, boxes=[b for b in boxes if b is not None],
                           points=[p for p in points if p is not None], propagate=seg["propagate"],
-                          adapter=seg["adapter"], roi_axis=seg["roi_axis"])
+                          adapter=seg["adapter"], roi_axis=seg["roi_axis"], corrections=corrections)
 
 
 def resolve(prompt_set_raw: Union[dict, str], ijk_to_ras, shape_kji: Sequence[int],
@@ -448,12 +461,15 @@ def resolve(prompt_set_raw: Union[dict, str], ijk_to_ras, shape_kji: Sequence[in
     :func:`geometry.ras_to_ijk`; boxes and points are placed on their slice with
     :func:`geometry.box_ijk_to_slice` / :func:`geometry.ijk_to_slice`. Raises :class:`InputError`
     listing every prompt that cannot be placed (naming the segment, the prompt and the volume
-    extent); a roi or box partly outside the volume is clipped with a logged warning.
+    extent); a roi or box partly outside the volume is clipped with a logged warning. Corrections
+    labelmaps are read here (each file once) and must be on the volume's grid.
     """
     raw = parse_prompts(prompt_set_raw, source)
     vol = _Volume(ijk_to_ras, shape_kji, raw["space"])
     problems = _Problems(source)
-    segments = [_resolve_segment(seg, f"segments[{n}]", vol, problems) for n, seg in enumerate(raw["segments"])]
+    labelmaps: dict = {}
+    segments = [_resolve_segment(seg, f"segments[{n}]", vol, problems, labelmaps)
+                for n, seg in enumerate(raw["segments"])]
     problems.raise_if_any()
     return PromptSet(segments)
 
@@ -482,6 +498,8 @@ def _segment_to_dict(seg: SegmentPrompts, convert: Callable[[np.ndarray], np.nda
     if seg.adapter is not None:
         out["adapter"] = seg.adapter
     out["propagate"] = bool(seg.propagate)
+    if seg.corrections is not None:
+        out["corrections"] = seg.corrections.to_dict()
     return out
 
 
@@ -512,6 +530,8 @@ def dumps_prompts(prompts: Union[PromptSet, dict], ijk_to_ras=None) -> str:
                 del seg["roi"], seg["roi_axis"]
             if seg["adapter"] is None:
                 del seg["adapter"]
+            if seg["corrections"] is None:
+                del seg["corrections"]
     return _compact_json(data)
 
 
