@@ -114,12 +114,14 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     outputs are written all or nothing (see :func:`_write_outputs`).
     """
     from . import io, prompts
+    from .corrections import labelmap_paths
 
     outputs = [("--output", output), ("--labelmap", labelmap), ("--overlay", overlay)]
     for (option, path), kind in zip(outputs, ("segmentation", "labelmap", "overlay")):
         if path:
             io.check_output_path(path, kind, args.overwrite, option)
-    io.check_distinct(outputs, [("volume", volume), ("--prompts", prompts_path)])
+    io.check_distinct(outputs, [("volume", volume), ("--prompts", prompts_path)]
+                      + [("corrections labelmap", p) for p in labelmap_paths(prompts_path)])
     check_device_name(getattr(args, "device", None))
     array_kji, ijk_to_ras = io.read_volume(volume)
     raw_prompts = prompts.load_prompts(prompts_path)  # the file itself (fast: no torch import yet)

@@ -107,7 +107,7 @@ def parse_corrections(value: Any, where: str, problems: _Problems) -> Optional[d
         problems.add(f"{where}.value", "0 is the background of a labelmap: give the segment's label value")
         ok = False
     elif abs(int(label)) > MAX_LABEL:
-        problems.add(f"{where}.value", f"{int(label)} is not a label value (at most {MAX_LABEL} in magnitude)")
+        problems.add(f"{where}.value", f"{float(label):.3g} is not a label value (at most {MAX_LABEL} in magnitude)")
         ok = False
     axis = _axis(corr.get("axis", "axial"), f"{where}.axis", problems)
     slices = _parse_slices(corr.get("slices"), "slices" in corr, f"{where}.slices", problems)

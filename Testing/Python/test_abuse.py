@@ -8,7 +8,8 @@ are replaced by tripwires) and in under 3 s. The table grows: add a row for each
 
 Kinds (``KIND`` of each row): alias (an output that is an input or another output), output (output
 names, types, folders), volume (unreadable, truncated, NaN / constant volumes), prompts (malformed,
-hostile or meaningless prompts files), options (CLI options that can be checked without the model),
+hostile or meaningless prompts files), corrections (a segment's corrected slices: their labelmap on
+another grid, missing, corrupt or truncated, bad slice lists, axis and value), options (CLI options that can be checked without the model),
 adapter (broken or crafted adapter folders), detect (detect-segment), tune (``medfm tune``),
 checkpoint (malicious or unverified checkpoints), disk (full disk: a writer that fails silently,
 a rename that fails), internal (a bug becomes a clear exit, not a traceback).
@@ -288,6 +289,32 @@ def p_json(text_or_obj, name="p.json"):
     return write_json(name, text_or_obj)
 
 
+def _corr(propagate=False, **corrections) -> dict:
+    """The sample's box prompts with ``"corrections"`` on the template's labelmap (a key set to None is left out)."""
+    corr = {"labelmap": "labels.nrrd", "value": 1, "axis": "axial", "slices": [30, 35]}
+    corr.update(corrections)
+    return _box_prompts(propagate=propagate, corrections={k: v for k, v in corr.items() if v is not None})
+
+
+def _shifted_labels(name, mm):
+    """The template's labelmap with its origin moved ``mm`` along x (same size and spacing)."""
+    def setup(d: Path):
+        labels, matrix = io.read_volume(d / "labels.nrrd")
+        moved = matrix.copy()
+        moved[0, 3] += mm
+        io.write_labelmap(d / name, {"bright": labels}, moved)
+    return setup
+
+
+def _fractional_labels(name):
+    def setup(d: Path):
+        labels, matrix = io.read_volume(d / "labels.nrrd")
+        img = sitk.GetImageFromArray(labels.astype(np.float32) * 0.5)
+        img.CopyInformation(sitk.ReadImage(str(d / "labels.nrrd")))
+        sitk.WriteImage(img, str(d / name), True)
+    return setup
+
+
 BOX = {"corners": [[-24.0, -35.0, 9.0], [3.0, -1.0, 9.0]], "axis": "axial"}
 
 CASES: List[Case] = [
@@ -422,6 +449,77 @@ CASES: List[Case] = [
          setup=p_json({"space": "RAS", "segments": [{"name": "a", "points": [{"position": [True, 0, 9]}]}]})),
     Case("prompts-adapter-missing", "prompts", seg(prompts="p.json"), ["nope", "adapter folder not found"],
          setup=p_json(_box_prompts(adapter="nope"))),
+    # --- corrections: corrected slices from a labelmap (``"corrections"`` of a segment), checked on the volume
+    Case("corr-labelmap-other-grid", "corrections", seg(prompts="p.json"),
+         ["p.json", "segments[0].corrections.labelmap", "small.nrrd", "not on the volume's voxel grid", "size 7x6x5",
+          "size 84x87x63", "spacing", "origin", "directions"],
+         setup=many(image_file("small.nrrd", np.ones((5, 6, 7), np.uint8)), p_json(_corr(labelmap="small.nrrd")))),
+    Case("corr-labelmap-shifted-origin", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.labelmap", "shifted.nrrd", "not on the volume's voxel grid", "origin (RAS) (-42"],
+         setup=many(_shifted_labels("shifted.nrrd", 5.0), p_json(_corr(labelmap="shifted.nrrd")))),
+    Case("corr-slice-outside", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.slices[1]", "axial slice 63 is outside the volume", "0..62"],
+         setup=p_json(_corr(slices=[30, 63]))),
+    Case("corr-slice-listed-twice", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.slices[2]", "slice 30 is listed twice", "slices[0]"],
+         setup=p_json(_corr(slices=[30, 31, 30]))),
+    Case("corr-slice-negative", "corrections", seg(prompts="p.json"), ["corrections.slices[0]", "negative"],
+         setup=p_json(_corr(slices=[-1]))),
+    Case("corr-slice-not-integer", "corrections", seg(prompts="p.json"), ["corrections.slices[1]", "integer", "30.5"],
+         setup=p_json(_corr(slices=[30, 30.5]))),
+    Case("corr-slice-bool", "corrections", seg(prompts="p.json"), ["corrections.slices[0]", "a boolean"],
+         setup=p_json(_corr(slices=[True]))),
+    Case("corr-slices-empty", "corrections", seg(prompts="p.json"), ["corrections.slices", "is empty"],
+         setup=p_json(_corr(slices=[]))),
+    Case("corr-slices-missing", "corrections", seg(prompts="p.json"), ["corrections.slices", "missing"],
+         setup=p_json(_corr(slices=None))),
+    Case("corr-axis-not-the-propagation-axis", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.axis", "coronal", "propagate along axial", "must lie on its axis"],
+         setup=p_json(_corr(axis="coronal", propagate=True))),
+    Case("corr-axis-unknown", "corrections", seg(prompts="p.json"), ["corrections.axis", "unknown axis", "axail"],
+         setup=p_json(_corr(axis="axail"))),
+    Case("corr-value-not-integer", "corrections", seg(prompts="p.json"), ["corrections.value", "integer", "1.5"],
+         setup=p_json(_corr(value=1.5))),
+    Case("corr-value-string", "corrections", seg(prompts="p.json"), ["corrections.value", "integer", "a string"],
+         setup=p_json(_corr(value="1"))),
+    Case("corr-value-zero", "corrections", seg(prompts="p.json"), ["corrections.value", "background"],
+         setup=p_json(_corr(value=0))),
+    Case("corr-value-huge", "corrections", seg(prompts="p.json"), ["corrections.value", "not a label value"],
+         forbid=["Traceback", "0" * 30], setup=p_json(_corr(value=10 ** 40))),
+    Case("corr-labelmap-missing", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.labelmap", "none.nii.gz", "not found"], setup=p_json(_corr(labelmap="none.nii.gz"))),
+    Case("corr-labelmap-key-missing", "corrections", seg(prompts="p.json"), ["corrections.labelmap", "missing"],
+         setup=p_json(_corr(labelmap=None))),
+    Case("corr-labelmap-not-a-string", "corrections", seg(prompts="p.json"), ["corrections.labelmap", "path string"],
+         setup=p_json(_corr(labelmap=7))),
+    Case("corr-labelmap-is-a-folder", "corrections", seg(prompts="p.json"), ["corrections.labelmap", "ldir", "folder"],
+         setup=many(mkdir("ldir"), p_json(_corr(labelmap="ldir")))),
+    Case("corr-labelmap-not-an-image", "corrections", seg(prompts="p.json"),
+         ["corrections.labelmap", "bad.nii.gz", "cannot read"],
+         setup=many(write_bytes("bad.nii.gz", b"garbage\n" * 40), p_json(_corr(labelmap="bad.nii.gz")))),
+    Case("corr-labelmap-truncated", "corrections", seg(prompts="p.json"),
+         ["corrections.labelmap", "cut.nii.gz", "truncated"],
+         setup=many(truncated_copy("labels.nrrd", "cut.nii.gz", ".nii.gz"), p_json(_corr(labelmap="cut.nii.gz")))),
+    Case("corr-labelmap-truncated-nii", "corrections", seg(prompts="p.json"),
+         ["corrections.labelmap", "cut.nii", "truncated"],
+         setup=many(truncated_copy("labels.nrrd", "cut.nii", ".nii"), p_json(_corr(labelmap="cut.nii")))),
+    Case("corr-labelmap-gzip-crc-damaged", "corrections", seg(prompts="p.json"),
+         ["corrections.labelmap", "crc.nii.gz", "corrupt"],
+         setup=many(damaged_gzip("crc.nii.gz"), p_json(_corr(labelmap="crc.nii.gz")))),
+    Case("corr-labelmap-fractional-values", "corrections", seg(prompts="p.json"),
+         ["corrections.labelmap", "f.nrrd", "non-integer"],
+         setup=many(_fractional_labels("f.nrrd"), p_json(_corr(labelmap="f.nrrd")))),
+    Case("corr-unknown-key", "corrections", seg(prompts="p.json"), ["corrections.slice", "did you mean 'slices'"],
+         setup=p_json(_corr(slice=[30]))),
+    Case("corr-not-an-object", "corrections", seg(prompts="p.json"), ["segments[0].corrections", "expected an object"],
+         setup=p_json(_box_prompts(corrections=[30, 31]))),
+    Case("corr-problems-listed-together", "corrections", seg(prompts="p.json"),
+         ["3 problems", "slices[1]", "value", "segments[1].corrections.labelmap"],
+         setup=p_json({"space": "RAS", "segments": [
+             _corr(slices=[30, 30], value=2.5)["segments"][0],
+             {"name": "b", "boxes": [BOX], "propagate": False, "corrections": {"labelmap": 7, "slices": [3]}}]})),
+    Case("corr-labelmap-is-the-output", "alias", seg("--labelmap", "labels.nrrd", "--overwrite", prompts="p.json"),
+         ["--labelmap labels.nrrd", "same file", "corrections labelmap"], setup=p_json(_corr())),
     # --- options checked without the model
     Case("device-meta", "options", SEG[:-1] + ["meta"], ["--device 'meta'", "unsupported device"]),
     Case("device-xpu", "options", SEG[:-1] + ["xpu"], ["--device 'xpu'"]),
@@ -532,7 +630,8 @@ def test_bad_input_fails_early_and_changes_nothing(case: Case, template, tmp_pat
 def test_the_suite_is_large_and_covers_every_kind():
     kinds = {c.kind for c in CASES}
     assert len(CASES) >= 80 and len(set(_ids(CASES))) == len(CASES)
-    assert kinds >= {"alias", "output", "volume", "prompts", "options", "adapter", "detect", "tune", "checkpoint"}
+    assert kinds >= {"alias", "output", "volume", "prompts", "corrections", "options", "adapter", "detect", "tune",
+                     "checkpoint"}
 
 
 # ----------------------------------------------------------------------------- disk: full disks and failed renames
