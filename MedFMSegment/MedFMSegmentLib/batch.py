@@ -74,13 +74,14 @@ class Case:
     prompts: Optional[str] = None  # segment: the prompts file
     detector: Optional[str] = None  # detect-segment: the detector spec with {case} filled in
     detector_file: Optional[str] = None  # ... and the per-case file it reads, if any
+    extra_inputs: Tuple[str, ...] = ()  # files the prompts name (corrections labelmaps): hashed with the inputs
 
     def output(self, role: str) -> Optional[str]:
         return dict(self.outputs).get(role)
 
     @property
     def input_files(self) -> List[str]:
-        return [p for p in (self.volume, self.prompts, self.detector_file) if p]
+        return [p for p in (self.volume, self.prompts, self.detector_file) if p] + list(self.extra_inputs)
 
 
 def discover_volumes(cohort: Path, out_dir: Path) -> List[Tuple[str, Path]]:
@@ -112,7 +113,10 @@ def _abs(path) -> str:
 
 
 def segment_cases(cohort: Path, prompts_dir: Path, out_dir: Path, labelmaps: bool) -> List[Case]:
-    """The cases of ``medfm batch``: ``COHORT/CASE.*`` with ``PROMPTS/CASE.json``."""
+    """The cases of ``medfm batch``: ``COHORT/CASE.*`` with ``PROMPTS/CASE.json`` (and the corrections
+    labelmaps it names, hashed with the inputs so that editing one reruns the case)."""
+    from .corrections import labelmap_paths
+
     if not prompts_dir.is_dir():
         raise InputError(f"prompts folder {prompts_dir} does not exist or is not a folder")
     volumes = discover_volumes(cohort, out_dir)
@@ -124,8 +128,9 @@ def segment_cases(cohort: Path, prompts_dir: Path, out_dir: Path, labelmaps: boo
         outputs = [("seg", _abs(out_dir / f"{name}.seg.nrrd"))]
         if labelmaps:
             outputs.append(("labelmap", _abs(out_dir / f"{name}.labels.nii.gz")))
+        prompts = _abs(prompts_dir / f"{name}.json")
         cases.append(Case(name, _abs(volume), tuple(outputs), _abs(out_dir / f"{name}.report.json"),
-                          prompts=_abs(prompts_dir / f"{name}.json")))
+                          prompts=prompts, extra_inputs=tuple(labelmap_paths(prompts))))
     return cases
 
 
@@ -377,7 +382,8 @@ def run_case(case: Case, job: Job, get_session: Callable, worker: str = "local")
             "volume": case.volume, "settings": job.settings}
     _remove_temporaries(case)
     try:
-        missing = [p for p in case.input_files if not os.path.isfile(p)]
+        # a missing corrections labelmap is named with its key path when the prompts are resolved
+        missing = [p for p in case.input_files if not os.path.isfile(p) and p not in case.extra_inputs]
         if case.prompts and case.prompts in missing:
             raise InputError(f"no prompts file {case.prompts} for case {case.name}")
         if missing:
@@ -388,7 +394,7 @@ def run_case(case: Case, job: Job, get_session: Callable, worker: str = "local")
             changed = [p for p in foreign if p in claims]
             why = "was changed after medfm wrote it" if changed else "already exists and was not written by this batch"
             raise InputError(f"output {foreign[0]} {why}; pass --overwrite to replace it")
-        inputs = {p: file_sha256(p) for p in case.input_files}
+        inputs = {p: file_sha256(p) for p in case.input_files if os.path.isfile(p)}
         # from here on the outputs are ours: a kill leaves this report, and the next run redoes the case
         claimed = {**{p: None for p in existing}, **{p: None for _, p in case.outputs}}
         write_text_atomic(case.report, json.dumps({**base, "status": "running", "inputs": inputs,
