@@ -517,9 +517,11 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             raise InputError(f"no prompt for segment {segmentName!r} on this volume yet: add a box or a click first")
         ijk_to_ras, shape = mrml.volume_geometry(volumeNode)
         previous = None if fromIndex is None else mrml.segment_to_mask(segmentationNode, segmentName, ijk_to_ras, shape)
+        accepted = self._acceptedMasks(entry, segmentationNode, segmentName, ijk_to_ras, shape)
 
         def work(job):
             from MedFMSegmentLib.propagate import propagate
+            entry.repin(accepted)  # the accepted slices as the segment holds them now
             return propagate(entry.session, axis=axis, previous=previous, from_index=fromIndex,
                              progress=job.progress, should_stop=job.shouldStop)
 
@@ -633,6 +635,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             mrml_prompts.write_slices(segmentationNode, segmentId, masks, ijk_to_ras, volumeNode, editorNode)
             mrml_prompts.store_prompts(segmentationNode, segmentId, text)
             interaction.mark_written(segmentId, set(masks))
+            entry.accepted -= set(masks)  # prompted again: the slice's pin was replaced by its prompts
             return sorted(masks)
 
         return self._start(MedFMJob(f"{len(prompts)} prompt(s)", work, apply, nodes=[segmentationNode]), wait)
@@ -657,10 +660,19 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             if setSliceMask is None:
                 raise InputError("this MedFM engine cannot take corrected slices (PromptSession.set_slice_mask)")
             setSliceMask(axis, index, mask)
+            entry.accepted.add((axis, index))
             return axis, index
 
         return self._start(MedFMJob(f"Accept {axis} slice {index}", work, lambda key: key,
                                     nodes=[segmentationNode]), wait)
+
+    @staticmethod
+    def _acceptedMasks(entry, segmentationNode, segmentName, ijk_to_ras, shape):
+        """{(axis, index): the segment's current content} of the slices the user accepted (main thread)."""
+        from MedFMSegmentLib import mrml_prompts
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName.strip())
+        return {key: mrml_prompts.slice_mask_from_segment(segmentationNode, segmentId, ijk_to_ras, shape, *key)
+                for key in entry.accepted} if segmentId else {}
 
     def nextReviewSlice(self, volumeNode, visited=()):
         """(axis, index, confidence) of the least confident slice of the last propagation not in ``visited``."""

@@ -5,7 +5,7 @@ runs on the worker thread and brings the session to the volume and the target se
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 
 class SessionEntry:
@@ -18,6 +18,7 @@ class SessionEntry:
         self.generation = 0  # bumped when the session's prompts are reset
         self.propagated = False
         self.review: List[dict] = []  # last propagation: [{"axis", "index", "confidence"}], least confident first
+        self.accepted: set = set()  # (axis, index) the user accepted as corrected slices (the effect's A key)
 
     def ready(self, new_session: Callable, stamp, volume, target, preset=None, adapter=None):
         """The session, holding ``volume`` ((array_kji, ijk_to_ras), or None if unchanged) and only ``target``'s prompts."""
@@ -29,9 +30,26 @@ class SessionEntry:
         if self.target != target:
             self.session.reset()
             self.target, self.generation = target, self.generation + 1
-            self.propagated, self.review = False, []
+            self.propagated, self.review, self.accepted = False, [], set()
         self.session.adapter = adapter
         return self.session
+
+    def repin(self, masks: Dict[Tuple[str, int], object]) -> List[Tuple[str, int]]:
+        """Pin the accepted slices to ``masks`` (their segment's current content, read on the main thread).
+
+        A replayed prompt list (``Interaction.session_plan`` resets the session) drops the session's pins,
+        and the user may have edited an accepted slice since: propagation takes the accepted slices as
+        they are now. Returns the slices (re)pinned.
+        """
+        import numpy as np
+
+        done = []
+        for (axis, index), mask in sorted(masks.items()):
+            state = self.session.slice_state(axis, index)
+            if state is None or not state.pinned or not np.array_equal(state.mask > 0, np.asarray(mask) > 0):
+                self.session.set_slice_mask(axis, index, mask)
+                done.append((axis, index))
+        return done
 
     def next_review(self, visited=()) -> Optional[Tuple[str, int, float]]:
         """(axis, index, confidence) of the least confident slice of the last propagation not in ``visited``."""

@@ -453,6 +453,51 @@ def test_effect_logic_prompts_masking_undo_tag_and_scene_close(segment_module, t
     logic.shutdown()
 
 
+def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
+    """The effect's A key: an accepted slice is a correction as the segment holds it when propagation runs,
+    even after the prompt session was reset and replayed (a removed click) and after a later edit of the
+    slice; prompting the slice again ends its acceptance."""
+    seg, scene = segment_module
+    from MedFMSegmentLib import mrml
+    from MedFMSegmentLib.interaction import Interaction
+
+    volume, truth, segmentation, ijk_to_ras, shape, _ = _ellipsoid_scene(seg, scene, np.s_[0, :1, :1])
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "Blob")
+    logic = seg.MedFMSegmentLogic()
+    it = Interaction()
+    it.select(sid)
+    k = 1
+    ys, xs = np.nonzero(truth[k])
+    it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
+    logic.applyPrompts(volume, segmentation, sid, it)
+
+    def segment_mask():
+        return mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+
+    painted = segment_mask()
+    painted[2] = 0
+    painted[2, 10:20, 10:30] = 1  # the user paints slice 2 (no model would draw this square) and accepts it
+    mrml.write_mask_to_segment(segmentation, "Blob", painted, ijk_to_ras, volume)
+    assert logic.acceptSlice(volume, segmentation, sid, "axial", 2) == ("axial", 2)
+    click = it.click((xs.mean(), ys.mean(), k), "axial")
+    logic.applyPrompts(volume, segmentation, sid, it)
+    it.remove(click.id)  # a removed click: the session is reset and the prompt list replayed
+    logic.applyPrompts(volume, segmentation, sid, it)
+    entry = logic._sessions[next(iter(logic._sessions))]
+    assert not entry.session.pinned_slices(), "the replay dropped the engine's pin"
+    painted[2, 10:20, 30:34] = 1  # edited again after accepting (not accepted again)
+    mrml.write_mask_to_segment(segmentation, "Blob", painted, ijk_to_ras, volume)
+    logic.propagate(volume, segmentation, "Blob", axis="axial")
+    result = segment_mask()
+    np.testing.assert_array_equal(result[2], painted[2])  # the accepted slice as the segment holds it now
+    assert result[0].any() and _dice(result[k], truth[k]) > 0.8
+    assert entry.session.pinned_slices() == [("axial", 2)]
+    it.box((xs.min() - 2, ys.min() - 2, 2), (xs.max() + 2, ys.max() + 2, 2), "axial")
+    logic.applyPrompts(volume, segmentation, sid, it)
+    assert entry.accepted == set(), "a new prompt on the accepted slice replaces the correction"
+    logic.shutdown()
+
+
 def test_adapter_per_segment_from_the_logic(glue, tmp_path):
     load, scene = glue
     seg = load("MedFMSegment")
