@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 KEYS = ("labelmap", "value", "axis", "slices")
 DEFAULT_VALUE = 1
-MAX_CORRECTED_SLICES = 10_000  # per segment: more slices than any volume has
+MAX_CORRECTED_SLICES = 10_000  # over all segments of a prompts file (each is a slice-sized mask in memory)
 MAX_LABEL = 2 ** 31 - 1
 
 

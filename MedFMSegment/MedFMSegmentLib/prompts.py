@@ -284,6 +284,11 @@ def _check_counts(raw_segments: List[Any], source: str) -> None:
     if total > MAX_PROMPTS:
         raise InputError(f"{source}: segments: {total} boxes and points in all is more than the limit of "
                          f"{MAX_PROMPTS}")
+    corrected = sum(len(seg["corrections"]["slices"]) for seg in raw_segments if isinstance(seg, dict)
+                    and isinstance(seg.get("corrections"), dict) and isinstance(seg["corrections"].get("slices"), list))
+    if corrected > corrections_mod.MAX_CORRECTED_SLICES:  # each one is a slice-sized mask in memory
+        raise InputError(f"{source}: segments: {corrected} corrected slices in all is more than the limit of "
+                         f"{corrections_mod.MAX_CORRECTED_SLICES}")
 
 
 def _check_unique_names(segments: Sequence[Optional[dict]], problems: _Problems) -> None:

@@ -518,6 +518,10 @@ CASES: List[Case] = [
          setup=p_json({"space": "RAS", "segments": [
              _corr(slices=[30, 30], value=2.5)["segments"][0],
              {"name": "b", "boxes": [BOX], "propagate": False, "corrections": {"labelmap": 7, "slices": [3]}}]})),
+    Case("corr-20000-slices-in-all", "corrections", seg(prompts="p.json"), ["p.json", "20000 corrected slices", "limit"],
+         setup=p_json({"space": "RAS", "segments": [
+             {"name": f"s{n}", "corrections": {"labelmap": "labels.nrrd", "slices": list(range(5000))}}
+             for n in range(4)]})),
     Case("corr-labelmap-is-the-output", "alias", seg("--labelmap", "labels.nrrd", "--overwrite", prompts="p.json"),
          ["--labelmap labels.nrrd", "same file", "corrections labelmap"], setup=p_json(_corr())),
     # --- options checked without the model
