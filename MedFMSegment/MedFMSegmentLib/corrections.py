@@ -35,7 +35,7 @@ import numpy as np
 
 from . import geometry
 from .errors import InputError
-from .prompts_json import MAX_PROMPTS_BYTES, _Problems, _axis, _check_keys, _object, _type_name
+from .prompts_json import MAX_PROMPTS, MAX_PROMPTS_BYTES, _Problems, _axis, _check_keys, _object, _type_name
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,10 @@ def labelmap_paths(prompts_path: os.PathLike) -> List[str]:
         path = Path(prompts_path)
         if path.stat().st_size > MAX_PROMPTS_BYTES:
             return []
-        data = json.loads(path.read_bytes())
+        text = path.read_bytes()
+        if b'"corrections"' not in text or text.count(b'"corners"') + text.count(b'"position"') > MAX_PROMPTS:
+            return []  # no second parse of a large file (one over the caps is refused by load_prompts)
+        data = json.loads(text)
         out = []
         for seg in data.get("segments", []):
             corr = seg.get("corrections") if isinstance(seg, dict) else None
