@@ -78,9 +78,17 @@ def _check_volume(path: str, array_kji, preset: Optional[str]) -> None:
 
 
 def _check_adapters(paths) -> None:
-    """Load every adapter folder without the model (manifest, sha256, finite tensors) before it loads."""
+    """Load every adapter folder without the model (manifest, sha256, finite tensors) before it loads;
+    first without torch (``store_files.check_adapter_files``), so a broken adapter fails in a second."""
+    try:
+        from MedFMTrainLib.store_files import check_adapter_files
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        raise MedFMError(f"adapters need MedFMTrainLib, which failed to import: {exc}") from exc
+    paths = list(dict.fromkeys(p for p in paths if p))
+    for path in paths:
+        check_adapter_files(path)
     loader = _adapter_loader()
-    for path in dict.fromkeys(p for p in paths if p):
+    for path in paths:
         loader(path, None)
 
 
@@ -128,15 +136,15 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     _check_volume(volume, array_kji, args.preset)
     # then the prompts on the volume, all before the model is loaded
     prompt_set = prompts.resolve(raw_prompts, ijk_to_ras, array_kji.shape, source=str(prompts_path))
-    from . import api
-
+    if session is None:
+        check_model_options(args)
     adapters = [args.adapter] + [seg.adapter for seg in prompt_set.segments]
     loader = None
     if any(adapters):
         _check_adapters(adapters)
         loader = _adapter_loader()
-    if session is None:
-        check_model_options(args)
+    from . import api  # imports torch: after every check that needs none
+
     report = api.SegmentationReport()
     session = session or (get_session() if get_session is not None else _session(args))
     masks = api.segment(array_kji, ijk_to_ras, prompt_set, session=session,
@@ -241,6 +249,7 @@ def _run_cohort(args, kind: str, cases, runner, setting_keys) -> int:
     """Run ``cases`` serially or on ``--cluster``; print the short summary; exit 0 / 1 (see batch.exit_status)."""
     from . import batch
 
+    _check_job_options(args, kind)
     out_dir = Path(args.output_dir)
     job = batch.Job(kind, batch.job_options(args), batch.settings_of(args, kind, setting_keys), batch.new_run_id(),
                     runner)
@@ -255,6 +264,31 @@ def _run_cohort(args, kind: str, cases, runner, setting_keys) -> int:
         executor.close()
     print(json.dumps(batch.stdout_summary(summary), indent=1))
     return batch.exit_status(summary)
+
+
+def _check_job_options(args, kind: str) -> None:
+    """The options every case of a cohort shares, checked once before any case runs (a bad one is exit 2,
+    not every case failed) and without torch. On ``--cluster`` the device and checkpoint are the workers'
+    to check (a head node may have no GPU)."""
+    from .errors import InputError
+    from .preprocess import resolve_preset
+
+    if args.preset not in (None, "auto"):
+        try:
+            resolve_preset(args.preset, None)
+        except InputError as exc:
+            raise InputError(f"--preset: {exc}") from None
+    if kind == "detect-segment":
+        _check_detect_options(args)
+    if args.cluster:
+        from .model_registry import get_spec
+
+        get_spec(args.model)
+        check_device_name(args.device)
+    else:
+        check_model_options(args)
+    if getattr(args, "adapter", None):
+        _check_adapters([args.adapter])
 
 
 def _cluster_spec(text: str):
@@ -346,13 +380,13 @@ def cmd_detect_segment(args) -> int:
     check_device_name(args.device)
     array_kji, ijk_to_ras = _read_checked_volume(args.volume, args.preset)
     detector = detectors.detector_from_spec(args.detector)
+    check_model_options(args)
     loader = None
     if args.adapter_dir:
-        from MedFMTrainLib.store import is_adapter_dir
+        from MedFMTrainLib.store_files import is_adapter_dir
 
         _check_adapters([str(p) for p in sorted(Path(args.adapter_dir).iterdir()) if is_adapter_dir(p)])
         loader = _adapter_loader()
-    check_model_options(args)
     masks, report = detect_and_segment(_session(args), detector, array_kji, ijk_to_ras, axis=args.axis,
                                        score_threshold=args.score_threshold, margin_vox=args.margin,
                                        adapter_dir=args.adapter_dir, adapter_loader=loader, preset=args.preset)
@@ -370,9 +404,12 @@ def cmd_detect_segment(args) -> int:
 
 def cmd_models(args) -> int:
     """The registry, then where models would run on this machine and why (nothing is loaded)."""
+    from . import runtimes
+
+    check_device_name(args.device)  # bad options fail before torch is imported
+    threads, why = runtimes.choose_threads(args.threads)
     import torch
 
-    from . import runtimes
     from .models import REGISTRY, choose_device
 
     for spec in REGISTRY.values():
@@ -381,7 +418,6 @@ def cmd_models(args) -> int:
     device = choose_device(args.device)
     plan = runtimes.plan_runtime(runtimes.check_runtime(args.runtime), runtimes.check_precision(args.precision),
                                  device.device.type, cpu, runtimes.openvino_available())
-    threads, why = runtimes.choose_threads(args.threads)
     info = {"device": str(device.device), "device_reason": device.reason, "runtime": plan.runtime,
             "precision": plan.precision, "reason": plan.reason, "threads": min(threads, torch.get_num_threads())
             if args.threads is None else threads, "threads_reason": why, "cpu": cpu.as_dict(),

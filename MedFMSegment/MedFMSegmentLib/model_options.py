@@ -28,6 +28,8 @@ def check_device(device: Optional[str]) -> None:
     if device is None:
         return
     check_device_name(device)
+    if device.strip().lower() == "cpu":
+        return  # every machine has one: no torch import to find that out
     from .models import choose_device
 
     choose_device(device)  # availability (CUDA / MPS present)
@@ -36,7 +38,7 @@ def check_device(device: Optional[str]) -> None:
 def check_model_options(args) -> None:
     """Every model option that can be checked without loading the model: --model, --device, --checkpoint."""
     from .errors import InputError
-    from .models import get_spec
+    from .model_registry import get_spec  # the registry without torch
 
     get_spec(args.model)
     check_device(args.device)

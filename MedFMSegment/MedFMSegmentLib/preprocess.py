@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: checking a volume or a preset needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ def box_crop(box_xy, shape_yx, pixel_spacing_yx, size: int, context: float = 1.0
 
 def _affine_grid(crop: Crop, shape_yx, out_hw) -> torch.Tensor:
     """Sampling grid (normalised coords of the slice) for each output pixel of the crop."""
+    import torch
+
     h, w = shape_yx
     oh, ow = out_hw
     u = (torch.arange(ow, dtype=torch.float64) + 0.5) / crop.sx + crop.x0  # slice x (edge coords)
@@ -202,6 +205,9 @@ def _affine_grid(crop: Crop, shape_yx, out_hw) -> torch.Tensor:
 
 def slice_to_model(slice_u8: np.ndarray, crop: Crop) -> np.ndarray:
     """Resample a uint8 slice through ``crop`` into an (S, S) float32 image in [0, 1] (zeros outside)."""
+    import torch
+    import torch.nn.functional as F
+
     img = torch.from_numpy(np.ascontiguousarray(slice_u8, dtype=np.float32) / 255.0)[None, None]
     grid = _affine_grid(crop, slice_u8.shape, (crop.size, crop.size))
     # antialias when shrinking: average-pool first so thin structures are not aliased away
@@ -218,6 +224,9 @@ def slice_to_model(slice_u8: np.ndarray, crop: Crop) -> np.ndarray:
 
 def model_to_slice(logits_model: torch.Tensor, crop: Crop, shape_yx) -> np.ndarray:
     """Map (S, S) model-input logits back onto the slice grid; pixels outside the crop get -inf-ish."""
+    import torch
+    import torch.nn.functional as F
+
     h, w = shape_yx
     lg = logits_model.float()[None, None] if logits_model.dim() == 2 else logits_model.float()
     if lg.shape[-1] != crop.size:

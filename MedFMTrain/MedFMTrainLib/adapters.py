@@ -24,10 +24,8 @@ import logging
 import re
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,47 +33,7 @@ from MedFMSegmentLib.errors import InputError
 
 log = logging.getLogger(__name__)
 
-_ATTN = r"transformer\..*(q_proj|k_proj|v_proj|out_proj)"
-_MLP = r"transformer\..*(lin1|lin2)"
-TARGET_PRESETS: Dict[str, str] = {
-    "attn": _ATTN,
-    "attn_mlp": f"({_ATTN}|{_MLP})",
-    "decoder": rf"({_ATTN}|{_MLP}|output_hypernetworks_mlps\.0\.layers\.\d+|iou_prediction_head\.layers\.\d+)",
-}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA rank, scaling (``alpha / rank``) and target modules of the mask decoder."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    targets: str = "decoder"
-
-    def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 256:
-            raise InputError(f"LoRA rank must be an integer from 1 to 256, got {self.rank!r}")
-        if not np.isfinite(float(self.alpha)) or float(self.alpha) <= 0:
-            raise InputError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        try:
-            re.compile(self.pattern)
-        except re.error as exc:
-            raise InputError(f"LoRA targets {self.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) "
-                             f"nor a valid regular expression: {exc}") from None
-
-    @property
-    def pattern(self) -> str:
-        return TARGET_PRESETS.get(self.targets, self.targets)
-
-    def to_dict(self) -> Dict:
-        return {"rank": self.rank, "alpha": float(self.alpha), "targets": self.targets, "pattern": self.pattern}
-
-    @classmethod
-    def from_dict(cls, d: Dict) -> "LoraSettings":
-        try:
-            return cls(int(d["rank"]), float(d["alpha"]), str(d["targets"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"bad LoRA settings {d!r}: {exc}") from None
+from .lora_settings import _ATTN, _MLP, TARGET_PRESETS, LoraSettings  # noqa: E402,F401  (torch-free; public here)
 
 
 # --------------------------------------------------------------------------- the shared model's LoRA layers

@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,11 +46,15 @@ def _int_list(text: Optional[str], option: str) -> Optional[List[int]]:
     return values
 
 
-def add_tune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``medfm tune`` (shared with ``python -m MedFMTrainLib.tune_cli``)."""
-    from .tune import TuneConfig
+#: The defaults of ``TuneConfig`` the options show, written out so that building the parser imports no torch
+#: (a test checks they equal ``TuneConfig()``'s).
+TUNE_DEFAULTS = {"steps": 40, "rank": 8, "lr": 3e-3, "seed": 0, "targets": "decoder", "box_encodes": 14,
+                 "click_encodes": 3}
 
-    d = TuneConfig()
+
+def add_tune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``medfm tune`` (shared with ``python -m MedFMTrainLib.tune_cli``); imports no torch."""
+    d = SimpleNamespace(**TUNE_DEFAULTS)
     p.add_argument("--image", required=True, action="append", help="volume file (repeat with --labels for 1-5 volumes)")
     p.add_argument("--labels", required=True, action="append",
                    help="corrected labels on the image grid: a labelmap, or a .seg.nrrd with --segment")
@@ -63,13 +68,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder to write (adapter.safetensors + manifest.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter folder")
     p.add_argument("--steps", type=int, default=d.steps, help=f"decoder training steps (default {d.steps})")
-    p.add_argument("--rank", type=int, default=d.lora.rank, help=f"LoRA rank (default {d.lora.rank})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--targets", default=d.lora.targets,
+    p.add_argument("--targets", default=d.targets,
                    help="LoRA targets in the mask decoder: attn, attn_mlp, decoder (default) or a regex")
-    p.add_argument("--box-encodes", type=int, default=d.pool.box_encodes, help="encoded box crops (incl. augmented)")
-    p.add_argument("--click-encodes", type=int, default=d.pool.click_encodes,
+    p.add_argument("--box-encodes", type=int, default=d.box_encodes, help="encoded box crops (incl. augmented)")
+    p.add_argument("--click-encodes", type=int, default=d.click_encodes,
                    help="encoded crops around simulated clicks (trains the click-to-box search)")
     p.add_argument("--no-localizer", action="store_true", help="do not train the organ localizer")
     p.add_argument("--model", default="litemedsam", help="base model id (default litemedsam)")
@@ -167,18 +172,13 @@ def _config(args):
 
 def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
     """Run ``medfm tune`` from parsed arguments; prints the result JSON; returns the exit status (0)."""
-    import torch
-
-    from MedFMSegmentLib.models import load_model
-    from MedFMSegmentLib.session import PromptSession
-
-    from .data import slices_from_segmentation, slices_from_volumes
-    from .evaluate import evaluate_slices, summarize
-    from .store import check_output_dir, save_adapter
-    from .tune import check_organ, tune
-
     from MedFMSegmentLib.model_options import check_model_options
 
+    from .data import slices_from_segmentation, slices_from_volumes
+    from .lora_settings import LoraSettings
+    from .store_files import check_organ, check_output_dir
+
+    # every check that needs no model comes first, and imports no torch (a bad option fails in a second)
     if len(args.image) != len(args.labels):
         raise InputError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
     check_ranges(args)
@@ -188,11 +188,8 @@ def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
     val = _int_list(args.val_slices, "--val-slices")
     if (train is not None or val is not None) and len(args.image) != 1:
         raise InputError("--train-slices and --val-slices need exactly one --image")
-    config = _config(args)
-    config.check()
+    LoraSettings(args.rank, 2.0 * args.rank, args.targets)  # --rank, --targets (a regular expression)
     check_model_options(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     pairs = [_read_pair(i, l, args) for i, l in zip(args.image, args.labels)]
     if train is not None:
         array, matrix, mask = pairs[0]
@@ -202,6 +199,20 @@ def run_tune(args, should_stop: Optional[Callable[[], bool]] = None) -> int:
         training = slices_from_segmentation(array, matrix, mask, args.axis, train, args.preset, name=args.image[0])
     else:
         training = slices_from_volumes(pairs, args.axis, args.slices_per_volume, preset=args.preset)
+
+    import torch
+
+    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.session import PromptSession
+
+    from .evaluate import evaluate_slices, summarize
+    from .store import save_adapter
+    from .tune import tune
+
+    config = _config(args)
+    config.check()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                        allow_unverified=args.allow_unverified)
     t0 = time.perf_counter()

@@ -18,15 +18,13 @@ tensors or metrics (a diverged training is never stored).
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional
 
 import torch
 
@@ -36,42 +34,11 @@ from MedFMSegmentLib.models import file_sha256
 
 from .adapters import LoraSettings, OrganAdapter
 from .localizer import LocalizerState
+from .store_files import (  # noqa: F401  (the folder's files without torch; public here)
+    ADAPTER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PathLike, _leftovers, _pid_alive, check_adapter_files,
+    check_output_dir, is_adapter_dir, read_manifest, recover, safe_name)
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter.safetensors"
-MANIFEST_FILE = "manifest.json"
-FORMAT = "medfm-adapter"
-FORMAT_VERSION = 1
-PathLike = Union[str, os.PathLike]
-
-
-def safe_name(organ: str) -> str:
-    """A folder name for an organ: letters, digits, ``._-``; anything else becomes ``_``."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", organ.strip()).strip("._")
-    if not name:
-        raise InputError(f"organ name {organ!r} gives an empty folder name")
-    return name
-
-
-def is_adapter_dir(path: PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and ((p / MANIFEST_FILE).is_file() or (p / ADAPTER_FILE).is_file())
-
-
-def check_output_dir(path: PathLike, overwrite: bool) -> Path:
-    """Raise InputError unless ``path`` can receive an adapter (parent exists; no clobbering)."""
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise InputError(f"{p}: the parent folder {p.parent} does not exist")
-    if p.exists():
-        if not p.is_dir():
-            raise InputError(f"{p}: exists and is not a folder")
-        if not is_adapter_dir(p) and any(p.iterdir()):
-            raise InputError(f"{p}: exists and is not an adapter folder (no {MANIFEST_FILE}); refusing to replace it")
-        if is_adapter_dir(p) and not overwrite:
-            raise InputError(f"{p}: an adapter already exists there; pass overwrite=True (--overwrite) to replace it")
-    return p
 
 
 def _fsync(path: Path) -> None:
@@ -124,60 +91,6 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in the manifest")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _leftovers(target: Path, kind: str) -> List[Tuple[Path, int]]:
-    """``(.<name>.<kind>-<pid>-<random> folder, pid)`` next to ``target``, newest first."""
-    out = []
-    for p in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
-        m = re.fullmatch(rf"\.{re.escape(target.name)}\.{kind}-(\d+)-[0-9a-f]+", p.name)
-        try:
-            if m and p.is_dir():
-                out.append((p, int(m.group(1)), p.stat().st_mtime))
-        except OSError:  # removed meanwhile
-            continue
-    return [(p, pid) for p, pid, _ in sorted(out, key=lambda item: item[2], reverse=True)]
-
-
-def recover(path: PathLike) -> Path:
-    """The folder to load for adapter ``path``, repairing a save that was killed between its renames.
-
-    When ``path`` is missing but a previous adapter was moved aside (``.<name>.old-<pid>-...``) by a
-    process that is gone, it is renamed back and ``path`` returned; when that process is still
-    running (inside its rename window), the moved-aside folder itself is returned, read-only. With
-    ``path`` present, moved-aside and temporary folders of dead processes are removed.
-    """
-    target = Path(path)
-    if not target.parent.is_dir():
-        return target
-    if not target.exists():
-        for old, pid in _leftovers(target, "old"):
-            if not is_adapter_dir(old):
-                continue
-            if _pid_alive(pid) and pid != os.getpid():
-                return old
-            try:
-                os.rename(old, target)
-                log.warning("recovered adapter %s from %s (a save was interrupted)", target, old.name)
-            except OSError:
-                return old if old.exists() else target  # someone else recovered it first
-            break
-    if target.exists():
-        for kind in ("old", "tmp"):
-            for left, pid in _leftovers(target, kind):
-                if not _pid_alive(pid):
-                    shutil.rmtree(left, ignore_errors=True)
-    return target
-
-
 def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -218,34 +131,6 @@ def save_adapter(adapter: OrganAdapter, path: PathLike, overwrite: bool = False)
     adapter.path = target
     log.info("saved adapter %s to %s", adapter.organ, target)
     return target
-
-
-def read_manifest(path: PathLike) -> Dict:
-    """The manifest of adapter folder ``path`` (validated); InputError naming the file when it is bad."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: adapter folder not found")
-    file = folder / MANIFEST_FILE
-    if not file.is_file():
-        raise InputError(f"{file}: missing; {folder} is not an adapter folder")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{file}: corrupt manifest (not valid JSON: {exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{file}: not a MedFM adapter manifest (format is "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise InputError(f"{file}: adapter format version {version!r} is not supported (this MedFM reads up to "
-                         f"{FORMAT_VERSION})")
-    for key in ("organ", "base_model", "lora", "files"):
-        if key not in manifest:
-            raise InputError(f"{file}: corrupt manifest, key {key!r} is missing")
-    base = manifest["base_model"]
-    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str) or not isinstance(base.get("id"), str):
-        raise InputError(f"{file}: corrupt manifest, base_model must hold id and sha256")
-    return manifest
 
 
 def _read_tensors(folder: Path, manifest: Dict) -> Dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from .evaluate import box_iou
 from .localizer import LocalizerHead, LocalizerState, heatmap_target, localizer_loss, predict_box
 from .samples import PoolBuilder, PoolConfig, Sample
 from .store import FORMAT, FORMAT_VERSION, check_output_dir, save_adapter
+from .store_files import check_organ  # noqa: F401  (torch-free; public here)
 
 log = logging.getLogger(__name__)
 
@@ -298,12 +299,6 @@ def build_pool(model, training: TrainingSet, config: TuneConfig, rep: Optional[_
     builder.tick = lambda message: rep(builder.encodes / total, message)
     rep(0.0, f"encoding {total} training crops")
     return builder.build(training.slices, kinds), builder.encodes
-
-
-def check_organ(organ: str) -> str:
-    if not isinstance(organ, str) or not organ.strip():
-        raise InputError(f"organ name {organ!r} is empty")
-    return organ.strip()
 
 
 def tune(model, training: TrainingSet, organ: str, config: Optional[TuneConfig] = None,
