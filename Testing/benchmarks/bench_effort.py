@@ -170,7 +170,7 @@ def run_user(session, gt, mode, args, adapt=None):
         session.set_slice_mask(AXIS, pick, gt[pick])
         if adapt is not None:
             t = time.perf_counter()
-            session.adapter = adapt(session)
+            session.adapter = adapt(session, vol)
             rec["adapt_seconds"].append(round(time.perf_counter() - t, 2))
         t = time.perf_counter()
         vol = propagate(session, axis=AXIS, previous=vol)
@@ -218,8 +218,8 @@ def run(args) -> dict:
     if args.adapt:
         from MedFMTrainLib import online
 
-        def adapt(session):
-            return online.adapt_from_corrections(session, AXIS, organ="bench")
+        def adapt(session, vol):
+            return online.adapt_from_corrections(session, AXIS, organ="bench", crops=vol.crops)
     out = {"cpu": cpu_info(), "precision": args.precision, "corrections": args.corrections, "structures": {}}
     for name in args.structures:
         st = structs[name]
