@@ -24,10 +24,13 @@ class VolumeResult:
     pinned: List[int] = field(default_factory=list)  # corrected slices on ``axis`` (kept exactly)
     # per non-fixed slice: {"iou": predicted IoU, "jitter": Dice with the jittered box's mask, "agree":
     # Dice with the interpolation between fixed slices or with the previous slice's mask, "distance":
-    # slices to the nearest fixed slice}; border slices (the first empty slice past an end) have "border"
+    # slices to the nearest fixed slice, "area": mask pixels}; border slices (the first empty slice
+    # past an end) have "border" and the area of the last slice before it
     signals: Dict[int, Dict[str, float]] = field(default_factory=dict)
     confidence: Dict[int, float] = field(default_factory=dict)  # every non-fixed slice touched or bordering
-    review: List[dict] = field(default_factory=list)  # [{"axis", "index", "confidence"}], least confident first
+    # [{"axis", "index", "confidence", "expected_wrong"}]: the slice a correction probably helps most first,
+    # i.e. by (1 - confidence) x mask area (propagate.expected_wrong), then least confident first
+    review: List[dict] = field(default_factory=list)
     recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
     crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
     jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice

@@ -43,7 +43,7 @@ from MedFMSegmentLib.session import PromptSession  # noqa: E402
 
 log = logging.getLogger("bench_effort")
 DEFAULT = ["Thalamus_L", "T12", "Tumour", "Putamen_L", "Caudate_L", "Hippocampus_L", "Pallidum_L",
-           "Amygdala_L", "Cerebellum_L", "CT_intracranial", "Aorta"]
+           "Amygdala_L", "Cerebellum_L", "CT_intracranial", "Aorta_descending"]  # whole Aorta: 152 slices
 AXIS = "axial"
 
 
@@ -169,12 +169,14 @@ def run_user(session, gt, mode, args, adapt=None):
         corrected.add(pick)
         session.set_slice_mask(AXIS, pick, gt[pick])
         if adapt is not None:
-            t = time.perf_counter()
-            session.adapter = adapt(session)
+            t, c = time.perf_counter(), time.process_time()
+            session.adapter = adapt(session, vol)
             rec["adapt_seconds"].append(round(time.perf_counter() - t, 2))
-        t = time.perf_counter()
+            rec.setdefault("adapt_cpu_seconds", []).append(round(time.process_time() - c, 2))
+        t, c = time.perf_counter(), time.process_time()
         vol = propagate(session, axis=AXIS, previous=vol)
         rec["repropagation_seconds"].append(round(time.perf_counter() - t, 2))
+        rec.setdefault("repropagation_cpu_seconds", []).append(round(time.process_time() - c, 2))  # a loaded host
         rec["recomputed"].append(len(vol.recomputed))
         rec["encoded"].append(vol.encoded)
         rec["touched"].append(pick)
@@ -218,9 +220,9 @@ def run(args) -> dict:
     if args.adapt:
         from MedFMTrainLib import online
 
-        def adapt(session):
-            return online.adapt_from_corrections(session, AXIS, organ="bench")
-    out = {"cpu": cpu_info(), "precision": args.precision, "corrections": args.corrections, "structures": {}}
+        def adapt(session, vol):
+            return online.adapt_from_corrections(session, AXIS, organ="bench", crops=vol.crops)
+    out = {"cpu": cpu_info(), "load_average": list(__import__("os").getloadavg()), "precision": args.precision, "corrections": args.corrections, "structures": {}}
     for name in args.structures:
         st = structs[name]
         if st.volume not in sessions:

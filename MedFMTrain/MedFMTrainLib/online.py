@@ -1,0 +1,157 @@
+"""Online adaptation: a segment's organ adapter updated from the slices the user corrected.
+
+```python
+session.set_slice_mask("axial", 63, corrected_mask)       # the user's corrections (pinned slices)
+adapter = adapt_from_corrections(session, "axial", organ="Caudate_L", base=current_adapter)
+session.adapter = adapter                                  # this segment's decodes only
+vol = propagate(session, axis="axial", previous=vol)       # every slice is recomputed with the adapter
+```
+
+The training data are the corrected (pinned, non-empty) slices of ``axis``: each slice's image
+embedding is taken from the session's cache through the model window the slice was last decoded
+in (``crops``, e.g. ``VolumeResult.crops``) or the window of a box around the corrected mask, and
+its target is the corrected mask mapped onto that window. The encoder is frozen, so nothing is
+encoded twice; only the decoder's LoRA weights are trained (``tune.train_decoder``: jittered boxes,
+MedSAM's loss), from ``base``'s weights when a base adapter is given, else from zero.
+
+Isolation: the returned :class:`OrganAdapter` is a new object with content-addressed LoRA layers;
+the shared model stays bitwise the base outside ``adapter.applied``, so another segment (another
+``session.adapter``, or none) gets exactly the result it had. ``out`` saves the adapter with the
+store's atomic rules (``store.save_adapter``: safetensors + manifest, replaced only when complete).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from MedFMSegmentLib import geometry
+from MedFMSegmentLib.errors import InputError
+from MedFMSegmentLib.preprocess import slice_to_model
+
+from . import adapters as A
+from .samples import PoolConfig, Sample
+from .store import FORMAT, FORMAT_VERSION, check_output_dir, save_adapter
+from .tune import TuneConfig, _Reporter, check_organ, train_decoder
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass
+class OnlineConfig:
+    """How an adapter is updated from corrections (small: seconds on a CPU)."""
+
+    steps: int = 30
+    lr: float = 3e-3
+    batch_size: int = 4
+    seed: int = 0
+    lora: A.LoraSettings = field(default_factory=lambda: A.LoraSettings(rank=4, alpha=8.0, targets="decoder"))
+    box_margin_px: tuple = (0.0, 6.0)  # per-side margin of the simulated boxes around a corrected mask
+    crop_margin_px: float = 2.0  # a slice without a cached window: the window of the mask's box + this
+    max_slices: int = 16  # the most recently listed corrected slices beyond this are used, older dropped
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "max_slices"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"online adaptation: {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.lr, (int, float)) or not np.isfinite(self.lr) or self.lr <= 0:
+            raise InputError(f"online adaptation: lr must be a positive number, got {self.lr!r}")
+
+    def tune_config(self) -> TuneConfig:
+        return TuneConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed, lora=self.lora,
+                          pool=PoolConfig(box_margin_px=tuple(self.box_margin_px)), localizer=False)
+
+
+def corrected_samples(session, axis: str, crops: Optional[Dict[int, object]] = None,
+                      config: Optional[OnlineConfig] = None) -> List[Sample]:
+    """One training sample per non-empty corrected slice of ``axis`` (embeddings from the session's cache)."""
+    config = config or OnlineConfig()
+    geometry.check_axis(axis)
+    pinned = [i for _, i in session.pinned_slices(axis)][-config.max_slices:]
+    sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
+    shape_yx = geometry.slice_shape(session.shape, axis)
+    out = []
+    for number, index in enumerate(sorted(pinned)):
+        mask = (session.slice_state(axis, index).mask > 0).astype(np.uint8)
+        box = geometry.box_from_mask(mask)
+        if box is None:  # an empty correction bounds the object; it is no box-prompt sample
+            continue
+        m = config.crop_margin_px
+        box = (max(box[0] - m, 0), max(box[1] - m, 0), min(box[2] + m, shape_yx[1] - 1), min(box[3] + m, shape_yx[0] - 1))
+        crop = (crops or {}).get(index)
+        if crop is None or not session._crop_fits(axis, crop, box):
+            crop = session.crop_for(axis, box)
+        emb = session.embedding(axis, index, crop)
+        target = (slice_to_model(mask * np.uint8(255), crop) > 0.5).astype(np.uint8)
+        if target.sum() < 4:
+            continue
+        out.append(Sample("box", number, emb[0].detach().clone().cpu(), target, crop, (crop.sx / sx, crop.sy / sy)))
+    return out
+
+
+def adapt_from_corrections(session, axis: str, organ: str, base: Optional[A.OrganAdapter] = None,
+                           crops: Optional[Dict[int, object]] = None, config: Optional[OnlineConfig] = None,
+                           out=None, overwrite: bool = False, should_stop=None) -> Optional[A.OrganAdapter]:
+    """A new adapter for ``organ`` trained on the session's corrected slices of ``axis``.
+
+    Returns ``base`` unchanged (None if there is none) when no corrected slice holds the structure.
+    ``base``: the segment's current adapter (its LoRA settings and weights are the starting point).
+    ``out``: save the result there atomically (an existing adapter folder only with ``overwrite``).
+    Nothing in the session changes (``session.adapter`` is the caller's to set).
+    """
+    config = config or OnlineConfig()
+    config.check()
+    organ = check_organ(organ)
+    if out is not None:
+        check_output_dir(out, overwrite)
+    model = session.model
+    if base is not None:
+        base.check_model(model)
+    t0, c0 = time.perf_counter(), time.process_time()
+    samples = corrected_samples(session, axis, crops, config)
+    if not samples:
+        log.info("online adaptation of %s: no corrected slice with the structure; adapter unchanged", organ)
+        return base
+    t_emb = time.perf_counter() - t0
+    tc = config.tune_config()
+    settings = base.settings if base is not None else config.lora
+    tc.lora = settings
+    name = f"medfm_online_{os.getpid()}_{next(_ids)}"
+    with A.model_lock(model):
+        A.inject(model, name, settings, seed=config.seed)
+        try:
+            if base is not None:
+                A.load_state(model, name, base.tensors)
+            metrics = train_decoder(model, name, samples, tc, _Reporter(None, should_stop))
+            tensors = A.state(model, name)
+        finally:
+            A.remove(model, name)
+    seconds = time.perf_counter() - t0
+    slices = sorted({int(s) for _, s in session.pinned_slices(axis)})
+    manifest = dict(base.manifest) if base is not None else {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "organ": organ, "method": "lora",
+        "base_model": {"id": model.spec.id, "sha256": model.checkpoint_sha256, "precision": model.precision},
+        "lora": settings.to_dict(), "localizer": None}
+    manifest["online"] = {"axis": axis, "corrected_slices": slices, "samples": len(samples),
+                          "config": {"steps": config.steps, "lr": config.lr, "batch_size": config.batch_size,
+                                     "seed": config.seed, "box_margin_px": list(config.box_margin_px)},
+                          "metrics": metrics, "seconds": {"embeddings": round(t_emb, 2), "total": round(seconds, 2),
+                                      "cpu": round(time.process_time() - c0, 2)},  # all threads' CPU time
+                          "torch_threads": torch.get_num_threads(),
+                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    adapter = A.OrganAdapter(organ, model.spec.id, model.checkpoint_sha256, settings, tensors,
+                             base.localizer if base is not None else None, manifest)
+    log.info("online adaptation of %s from %d corrected slice(s) in %.1f s: train Dice %.3f -> %.3f", organ,
+             len(samples), seconds, metrics["train_dice_base"], metrics["train_dice_adapted"])
+    if out is not None:
+        adapter.path = save_adapter(adapter, out, overwrite=overwrite)
+    return adapter

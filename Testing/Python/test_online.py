@@ -1,0 +1,72 @@
+"""Online adaptation (MedFMTrainLib.online) from corrected slices of Colin27's Thalamus_L (AAL 77).
+
+A few decoder steps on two corrected slices (their embeddings are the cached ones the slices were
+decoded with): the adapter must change the adapted segment's decodes and leave another segment's
+(Putamen_L, AAL 73, no adapter) bitwise as they were; saving follows the store's rules.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedFMSegmentLib.errors import InputError
+
+THALAMUS_L, PUTAMEN_L = 77, 73
+
+
+def padded_box(mask2d, pad):
+    ys, xs = np.nonzero(mask2d)
+    h, w = mask2d.shape
+    return (max(int(xs.min()) - pad, 0), max(int(ys.min()) - pad, 0),
+            min(int(xs.max()) + pad, w - 1), min(int(ys.max()) + pad, h - 1))
+
+
+def test_online_adapter_changes_its_segment_only(colin27_session, colin27_aal, tmp_path):
+    from MedFMTrainLib import online
+    from MedFMTrainLib.store import load_adapter
+
+    s = colin27_session
+    thal = (colin27_aal == THALAMUS_L).astype(np.uint8)
+    put = (colin27_aal == PUTAMEN_L).astype(np.uint8)
+    k = 80
+    s.reset()
+    s.adapter = None
+    assert online.adapt_from_corrections(s, "axial", organ="Thalamus_L") is None  # nothing corrected yet
+    other_box = padded_box(put[k], 4)
+    other_before, other_score, _ = s.predict("axial", k, other_box)
+    own_box = padded_box(thal[k], 4)
+    own_before, _, _ = s.predict("axial", k, own_box)
+    for i in (k - 2, k + 2):
+        s.predict("axial", i, padded_box(thal[i], 4))  # decoded before the user corrected it: cached
+        s.set_slice_mask("axial", i, thal[i])
+    s.set_slice_mask("axial", k + 12, np.zeros_like(thal[k]))  # an empty correction: no sample, no error
+    misses = s.cache.misses
+    cfg = online.OnlineConfig(steps=6)
+    try:
+        adapter = online.adapt_from_corrections(s, "axial", organ="Thalamus_L", config=cfg,
+                                                out=tmp_path / "Thalamus_L")
+        assert s.cache.misses - misses <= 2  # at most the two corrected windows, usually none
+        assert adapter.manifest["online"]["samples"] == 2
+        assert adapter.manifest["online"]["corrected_slices"] == [k - 2, k + 2, k + 12]
+        assert adapter.tensors and any(float(t.abs().max()) > 0 for n, t in adapter.tensors.items() if "lora_B" in n)
+        s.adapter = adapter
+        own_after, _, _ = s.predict("axial", k, own_box)
+        s.adapter = None
+        assert not np.array_equal(own_after, own_before)  # the adapter is used by its segment
+        other_after, other_score_after, _ = s.predict("axial", k, other_box)  # adapter injected, not applied
+        assert np.array_equal(other_after, other_before) and other_score_after == other_score
+        loaded = load_adapter(tmp_path / "Thalamus_L", s.model)
+        assert loaded.digest == adapter.digest and loaded.manifest["online"]["samples"] == 2
+        again = online.adapt_from_corrections(s, "axial", organ="Thalamus_L", base=adapter, config=cfg)
+        assert again.digest != adapter.digest and again.settings == adapter.settings
+        with pytest.raises(InputError, match="exists|already"):  # the saved adapter is not replaced silently
+            online.adapt_from_corrections(s, "axial", organ="Thalamus_L", config=cfg, out=tmp_path / "Thalamus_L")
+        with pytest.raises(InputError, match="organ"):
+            online.adapt_from_corrections(s, "axial", organ=" ")
+        with pytest.raises(InputError, match="steps"):
+            online.adapt_from_corrections(s, "axial", organ="Thalamus_L", config=online.OnlineConfig(steps=0))
+    finally:
+        s.adapter = None
+        for a in [v for v in locals().values() if hasattr(v, "detach") and hasattr(v, "peft_name")]:
+            a.detach(s.model)
+        s.reset()
