@@ -36,8 +36,14 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("mr", "MR / other: 0.5-99.5 percentiles of the volume", percentiles=(0.5, 99.5)),
 )}
 
-# Chosen from Testing/benchmarks/bench_presets.py on the shared data (see README, "Accuracy").
+# Chosen from Testing/benchmarks/bench_presets.py on the shared data (see README, "Accuracy"). A volume-wide
+# default (one mapping for the whole volume: the trainer, the localizer, an explicit session preset).
 DEFAULT_PRESET = {"ct": "ct-full", "mr": "mr"}
+# The prompt session's CT default: the window is chosen for each prompt's box by ``ct_preset_for_box``
+# (leave-one-dataset-out, bench_2d.py --grid); the volume is mapped with CT_PER_BOX_PRIMARY, the other
+# window is applied to the raw slice when a box asks for it.
+CT_PER_BOX = "ct-per-box"
+CT_PER_BOX_PRIMARY = "ct-soft-tissue"
 
 
 def validate_volume(array_kji) -> np.ndarray:
@@ -120,6 +126,12 @@ def fitted_window(slice_raw: np.ndarray, box_xy, grow: float = 0.25,
     return float(lo), float(hi) if hi > lo else float(lo) + 1.0
 
 
+def map_slice(slice_raw: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """One raw slice to uint8 0..255 through ``window`` (exactly as ``normalise_volume`` maps a volume)."""
+    lo, hi = window
+    return np.clip((np.asarray(slice_raw).astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
 def normalise_volume(array_kji, preset=None) -> Tuple[np.ndarray, Preset, Tuple[float, float]]:
     """Map a volume to uint8 0..255 with one intensity range for the whole volume."""
     a = validate_volume(array_kji)
@@ -146,6 +158,7 @@ class Crop:
     sx: float
     sy: float
     size: int  # model input size S
+    preset: Optional[str] = None  # the intensity preset of the slice seen through it (None: the volume's)
 
     def to_model(self, xy_slice) -> np.ndarray:
         p = np.asarray(xy_slice, np.float64).reshape(-1, 2)
@@ -157,7 +170,7 @@ class Crop:
 
     @property
     def key(self) -> Tuple[float, ...]:
-        return (round(self.x0, 3), round(self.y0, 3), round(self.sx, 5), round(self.sy, 5), self.size)
+        return (round(self.x0, 3), round(self.y0, 3), round(self.sx, 5), round(self.sy, 5), self.size, self.preset)
 
 
 def full_slice_crop(shape_yx, pixel_spacing_yx, size: int) -> Crop:

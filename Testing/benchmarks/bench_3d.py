@@ -67,7 +67,7 @@ def rect_on_every_slice(session, array, lo, hi, ct: bool):
     """(reference pipeline, MedFM preprocessing) masks with the ROI's rectangle on every slice of the ROI."""
     rect = (lo[2], lo[1], hi[2], hi[1])
     ref, med = np.zeros(session.shape, np.uint8), np.zeros(session.shape, np.uint8)
-    crop = session.crop_for("axial", rect)
+    crop = session.crop_for("axial", rect, (lo[0] + hi[0]) // 2)
     for k in range(lo[0], hi[0] + 1):
         ref[k] = reference_predict(session.model, array[k], rect, ct=ct)
         med[k] = session.predict("axial", k, rect, crop=crop)[2]
