@@ -97,17 +97,21 @@ def intensity_range(array_kji: np.ndarray, preset: Preset) -> Tuple[float, float
     return float(lo), float(hi)
 
 
-def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.5) -> str:
+def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.3, bone_hu: Optional[float] = None) -> str:
     """The CT rule chosen leave-one-dataset-out (bench_2d.py --grid): the soft-tissue window, unless more
-    than ``mostly`` of the box is bone (> 300 HU) or air (< -500 HU); then the full range.
+    than ``mostly`` of the box is air (< -500 HU); then the full range. ``bone_hu``: also count voxels above
+    it (the earlier rule: 300 HU, more than 0.5; it takes contrast-enhanced blood for bone).
 
-    Not yet the session's default: a session maps its volume with one preset (see README, Accuracy).
+    The prompt session's CT default (``CT_PER_BOX``): each box's window, embeddings cached per window.
     """
     x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
     inside = np.asarray(slice_hu)[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
     if inside.size == 0:
         raise InputError(f"box {box_xy!r} holds no pixel of the slice (shape {np.shape(slice_hu)})")
-    share = float(((inside > 300) | (inside < -500)).mean())
+    far = inside < -500
+    if bone_hu is not None:
+        far = far | (inside > bone_hu)
+    share = float(far.mean())
     return "ct-full" if share > mostly else "ct-soft-tissue"
 
 

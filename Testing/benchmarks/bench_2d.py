@@ -276,7 +276,7 @@ def grid_slice(session, default, array, st, axis, index, volume_ranges) -> dict:
     row["default"] = D.dice(default.add_box(axis, index, box).mask, gt)
     matrix = np.diag([sx, sy, 1.0, 1.0])  # the slice as a one-slice volume with its own pixel spacing
     rule = ct_preset_for_box(raw, box) if st.modality == "ct" else "mr"
-    row["ct_rule_choice"] = rule
+    row["ct_rule_choice"] = rule  # the session's rule when this row was measured (its z1 / z3 window)
     todo = [(n, "z2") for n in GRID_Z2_INTENSITY[st.modality]]
     todo += [(rule, g) for g in GRID_GEOMETRY if (rule, g) not in todo]
     for name, g in todo:
@@ -344,7 +344,10 @@ def _rules(modality):
     """Candidate rules for one modality: name -> (intensity chooser, geometry chooser), both row -> key part."""
     if modality == "ct":
         ints = {n: (lambda r, n=n: n) for n in GRID_Z2_INTENSITY["ct"]}
-        ints["soft unless bone/air > 0.5 -> full"] = lambda r: r["ct_rule_choice"]
+        for t in (0.1, 0.2, 0.3, 0.4, 0.5):  # measured at z2 only (both windows are)
+            ints[f"soft unless air > {t} -> full"] = lambda r, t=t: "ct-full" if r["air_frac"] > t else "ct-soft-tissue"
+            ints[f"soft unless bone/air > {t} -> full"] = (lambda r, t=t: "ct-full" if r["air_frac"] + r["bone_frac"] > t
+                                                            else "ct-soft-tissue")
     else:
         ints = {"mr": lambda r: "mr"}
     geoms = {g: (lambda r, g=g: g) for g in GRID_GEOMETRY}
@@ -412,12 +415,13 @@ def lodo(rows) -> dict:
     choices = [tuple(f["chosen_on_the_other_three"].values()) for f in folds.values()]
     default = max(set(choices), key=lambda c: (choices.count(c), statistics.mean(table[c].values())))
     ranking = sorted(table, key=lambda k: -statistics.mean(table[k].values()))[:15]
-    session_rule = ("soft unless bone/air > 0.5 -> full", "mr", "z2", "single")
+    session_rule = ("soft unless air > 0.3 -> full", "mr", "z2", "single")  # what PromptSession does by default
     return {"folds": folds, "default_by_lodo": {"rule": list(default), "chosen_in_folds": choices.count(default),
                                                 "per_dataset": {d: round(v, 3) for d, v in table[default].items()}},
             "session_default_rule": {"rule": list(session_rule),
                                      "per_dataset": {d: round(v, 3) for d, v in table[session_rule].items()},
                                      "measured_default_session": {d: baselines[d]["default"] for d in datasets}},
+            "note": "measured_default_session: the default session of the run that wrote the per-slice files",
             "top_rules_mean_over_datasets": [{"rule": list(k), **{d: round(v, 3) for d, v in table[k].items()}}
                                              for k in ranking],
             "per_structure": {n: _per_structure([r for r in rows if r["structure"] == n])
