@@ -37,8 +37,14 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("mr", "MR / other: 0.5-99.5 percentiles of the volume", percentiles=(0.5, 99.5)),
 )}
 
-# Chosen from Testing/benchmarks/bench_presets.py on the shared data (see README, "Accuracy").
+# Chosen from Testing/benchmarks/bench_presets.py on the shared data (see README, "Accuracy"). A volume-wide
+# default (one mapping for the whole volume: the trainer, the localizer, an explicit session preset).
 DEFAULT_PRESET = {"ct": "ct-full", "mr": "mr"}
+# The prompt session's CT default: the window is chosen for each prompt's box by ``ct_preset_for_box``
+# (leave-one-dataset-out, bench_2d.py --grid); the volume is mapped with CT_PER_BOX_PRIMARY, the other
+# window is applied to the raw slice when a box asks for it.
+CT_PER_BOX = "ct-per-box"
+CT_PER_BOX_PRIMARY = "ct-soft-tissue"
 
 
 def validate_volume(array_kji) -> np.ndarray:
@@ -92,17 +98,21 @@ def intensity_range(array_kji: np.ndarray, preset: Preset) -> Tuple[float, float
     return float(lo), float(hi)
 
 
-def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.5) -> str:
+def ct_preset_for_box(slice_hu: np.ndarray, box_xy, mostly: float = 0.3, bone_hu: Optional[float] = None) -> str:
     """The CT rule chosen leave-one-dataset-out (bench_2d.py --grid): the soft-tissue window, unless more
-    than ``mostly`` of the box is bone (> 300 HU) or air (< -500 HU); then the full range.
+    than ``mostly`` of the box is air (< -500 HU); then the full range. ``bone_hu``: also count voxels above
+    it (the earlier rule: 300 HU, more than 0.5; it takes contrast-enhanced blood for bone).
 
-    Not yet the session's default: a session maps its volume with one preset (see README, Accuracy).
+    The prompt session's CT default (``CT_PER_BOX``): each box's window, embeddings cached per window.
     """
     x0, y0, x1, y1 = (int(round(v)) for v in box_xy)
     inside = np.asarray(slice_hu)[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
     if inside.size == 0:
         raise InputError(f"box {box_xy!r} holds no pixel of the slice (shape {np.shape(slice_hu)})")
-    share = float(((inside > 300) | (inside < -500)).mean())
+    far = inside < -500
+    if bone_hu is not None:
+        far = far | (inside > bone_hu)
+    share = float(far.mean())
     return "ct-full" if share > mostly else "ct-soft-tissue"
 
 
@@ -119,6 +129,12 @@ def fitted_window(slice_raw: np.ndarray, box_xy, grow: float = 0.25,
     if hi <= lo:
         lo, hi = float(slice_raw.min()), float(slice_raw.max())
     return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+def map_slice(slice_raw: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """One raw slice to uint8 0..255 through ``window`` (exactly as ``normalise_volume`` maps a volume)."""
+    lo, hi = window
+    return np.clip((np.asarray(slice_raw).astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
 def normalise_volume(array_kji, preset=None) -> Tuple[np.ndarray, Preset, Tuple[float, float]]:
@@ -147,6 +163,7 @@ class Crop:
     sx: float
     sy: float
     size: int  # model input size S
+    preset: Optional[str] = None  # the intensity preset of the slice seen through it (None: the volume's)
 
     def to_model(self, xy_slice) -> np.ndarray:
         p = np.asarray(xy_slice, np.float64).reshape(-1, 2)
@@ -158,7 +175,7 @@ class Crop:
 
     @property
     def key(self) -> Tuple[float, ...]:
-        return (round(self.x0, 3), round(self.y0, 3), round(self.sx, 5), round(self.sy, 5), self.size)
+        return (round(self.x0, 3), round(self.y0, 3), round(self.sx, 5), round(self.sy, 5), self.size, self.preset)
 
 
 def full_slice_crop(shape_yx, pixel_spacing_yx, size: int) -> Crop:

@@ -113,7 +113,7 @@ class _Runner:
             # the previous slice's window while the object fits in it: the slice ahead, encoded in the
             # background in that window, is then the one this walk asks for next
             last = self.last_crop
-            crop = last if last is not None and s._crop_fits(self.axis, last, box) else s.crop_for(self.axis, box)
+            crop = last if last is not None and s._crop_fits(self.axis, last, box) else s.crop_for(self.axis, box, index)
         self.last_crop = crop
         s._offer_window(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
         before = s.cache.misses

@@ -156,7 +156,7 @@ def segment_roi(session, roi_ijk, axis: str = "axial", config: Optional[RoiConfi
     cfg = config or RoiConfig()
     geometry.check_axis(axis)
     first, last, rect = _roi_bounds(session, roi_ijk, axis)
-    crop = session.crop_for(axis, rect)
+    crop = session.crop_for(axis, rect, (first + last) // 2)  # one window (and CT window) for the whole ROI
     cands = _Candidates(session, axis, crop, rect)
     sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
     mx, my = cfg.margin_mm / sx, cfg.margin_mm / sy

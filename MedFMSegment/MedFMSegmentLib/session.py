@@ -40,7 +40,8 @@ from .embedding_cache import EmbeddingCache  # noqa: F401  (public here)
 from .errors import InputError
 from .masks2d import _components, _cut_at, _point_region, keep_components_touching  # noqa: F401
 from .models import PromptableModel, load_model
-from .preprocess import Crop, box_crop, full_slice_crop, model_to_slice, normalise_volume, slice_to_model
+from .preprocess import (CT_PER_BOX, CT_PER_BOX_PRIMARY, PRESETS, Crop, box_crop, ct_preset_for_box, full_slice_crop,
+                         guess_modality, map_slice, model_to_slice, normalise_volume, slice_to_model, validate_volume)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class SessionConfig:
     # Also encode both neighbours of a slice the user prompts (for an interactive viewer; off by
     # default: on 2 cores it competes with the decoder, and scripts rarely move to a neighbour).
     encode_neighbours: bool = False
+    # CT with the default preset: each prompt's box chooses its window (soft tissue unless the box is mostly
+    # bone or air, then the full range: preprocess.ct_preset_for_box, chosen leave-one-dataset-out); the
+    # window travels with the model window to the neighbours (propagation keeps it while the object fits).
+    ct_window_per_box: bool = True
 
 
 @dataclass
@@ -116,6 +121,7 @@ class PromptSession:
         self._futures: Dict[tuple, Future] = {}
         self._futures_lock = threading.Lock()
         self._volume_u8: Optional[np.ndarray] = None
+        self._raw: Optional[np.ndarray] = None  # the caller's CT array (a reference) when the window is per box
         self._token = None
         self._states: Dict[SliceKey, SliceState] = {}
         self._history: List[Tuple[SliceKey, Optional[SliceState]]] = []
@@ -134,12 +140,23 @@ class PromptSession:
     def set_volume(self, array_kji, ijk_to_ras, preset: Optional[str] = None) -> None:
         """Take a volume (``[k, j, i]`` array + 4x4 IJK-to-RAS). Validates, normalises; no encoding.
 
+        A CT with the default preset (None / ``"auto"``) gets its window per box (``preset`` is then
+        ``"ct-per-box"``, see ``SessionConfig.ct_window_per_box``); the session keeps a reference to the
+        array (no copy) to apply the other window to the slices that need it.
         On error the session keeps its previous volume and prompts.
         """
         matrix = geometry.check_matrix(ijk_to_ras)
+        raw = None
+        if preset in (None, "auto") and self.config.ct_window_per_box:
+            checked = validate_volume(array_kji)
+            if guess_modality(checked) == "ct":
+                raw, preset = checked, CT_PER_BOX_PRIMARY
         volume_u8, p, window = normalise_volume(array_kji, preset)
         self.cancel_prefetch()
         self._volume_u8, self.ijk_to_ras, self.preset, self.window = volume_u8, matrix, p.name, window
+        self._raw = raw
+        if raw is not None:
+            self.preset = CT_PER_BOX
         self._token = (next(self._tokens), id(volume_u8))
         self._states.clear()
         self._history.clear()
@@ -151,10 +168,23 @@ class PromptSession:
         self._require_volume()
         return tuple(self._volume_u8.shape)
 
-    def normalised_slice(self, axis: str, index: int) -> np.ndarray:
-        """The uint8 slice the model sees (after the intensity preset), on the volume grid."""
+    def normalised_slice(self, axis: str, index: int, preset: Optional[str] = None) -> np.ndarray:
+        """The uint8 slice the model sees (after the intensity preset), on the volume grid.
+
+        ``preset``: a window chosen per box (``Crop.preset``); None: the volume's own mapping.
+        """
         self._require_volume()
-        return geometry.get_slice(self._volume_u8, axis, index)
+        if preset is None or self._raw is None or preset == CT_PER_BOX_PRIMARY:
+            return geometry.get_slice(self._volume_u8, axis, index)
+        return map_slice(geometry.get_slice(self._raw, axis, index), PRESETS[preset].window)
+
+    def preset_for(self, axis: str, index: int, box_xy: Optional[BoxXY]) -> Optional[str]:
+        """The intensity preset a box on a slice is seen with: None unless the window is per box."""
+        if self._raw is None:
+            return None
+        if box_xy is None:
+            return CT_PER_BOX_PRIMARY
+        return ct_preset_for_box(geometry.get_slice(self._raw, axis, index), box_xy)
 
     def _require_volume(self):
         if self._volume_u8 is None:
@@ -164,14 +194,19 @@ class PromptSession:
     def _pixel_spacing(self, axis: str):
         return geometry.slice_pixel_spacing(self.ijk_to_ras, axis)
 
-    def crop_for(self, axis: str, box_xy: Optional[BoxXY]) -> Crop:
-        """The model-input window for a prompt: zoomed on the box, or the whole slice."""
+    def crop_for(self, axis: str, box_xy: Optional[BoxXY], index: Optional[int] = None) -> Crop:
+        """The model-input window for a prompt: zoomed on the box, or the whole slice; with the CT window
+        per box, the box on slice ``index`` also chooses the window (``Crop.preset``; no index: soft tissue)."""
         shape = geometry.slice_shape(self._volume_u8.shape, axis)
         size = self.model.input_size
         if box_xy is None or not self.config.zoom:
-            return full_slice_crop(shape, self._pixel_spacing(axis), size)
-        return box_crop(box_xy, shape, self._pixel_spacing(axis), size, self.config.context,
-                        self.config.min_crop_mm)
+            crop = full_slice_crop(shape, self._pixel_spacing(axis), size)
+        else:
+            crop = box_crop(box_xy, shape, self._pixel_spacing(axis), size, self.config.context,
+                            self.config.min_crop_mm)
+        if self._raw is not None:
+            crop = replace(crop, preset=self.preset_for(axis, index, box_xy) if index is not None else CT_PER_BOX_PRIMARY)
+        return crop
 
     def _crop_fits(self, axis: str, crop: Crop, box_xy: BoxXY) -> bool:
         """Can a later prompt on a slice reuse its window (decoder only)? Yes while the box stays
@@ -203,7 +238,7 @@ class PromptSession:
         return self._encode(key, axis, index, crop)
 
     def _encode(self, key, axis, index, crop) -> torch.Tensor:
-        image = slice_to_model(geometry.get_slice(self._volume_u8, axis, index), crop)
+        image = slice_to_model(self.normalised_slice(axis, index, crop.preset), crop)
         return self.cache.put(key, self.model.encode(image))
 
     def _cancel_far(self, axis: str, index: int) -> None:
@@ -222,7 +257,7 @@ class PromptSession:
         offered = self._windows.get((axis, index)) if self.config.reuse_window else None
         if offered is not None and self._crop_fits(axis, offered, box_xy):
             return offered
-        return self.crop_for(axis, box_xy)
+        return self.crop_for(axis, box_xy, index)
 
     def _offer_window(self, axis: str, index: int, crop: Crop, walking: bool) -> None:
         """Offer ``crop`` to the neighbours of slice ``index`` and encode them ahead: when ``walking``
@@ -252,7 +287,7 @@ class PromptSession:
         checked = [geometry.check_index(self._volume_u8.shape, axis, index) for index in indices]  # all, first
         if not checked:
             return []
-        crop = self.crop_for(axis, None if box_xy is None else self._check_box(axis, checked[0], box_xy))
+        crop = self.crop_for(axis, None if box_xy is None else self._check_box(axis, checked[0], box_xy), checked[0])
         return self._submit(axis, checked, crop)
 
     def _submit(self, axis: str, checked: Sequence[int], crop: Crop, ahead: bool = False) -> List[Future]:
@@ -317,7 +352,7 @@ class PromptSession:
         ``clear_negatives``: take the negative clicks' pixels out of the mask (off when the caller
         edits the mask around them itself).
         """
-        crop = crop or self.crop_for(axis, box_xy)
+        crop = crop or self.crop_for(axis, box_xy, index)
         emb = self.embedding(axis, index, crop)
         box_model = crop.box_to_model(box_xy) if box_xy is not None else None
         pts = lbl = None
@@ -407,7 +442,7 @@ class PromptSession:
             if state.crop is None:
                 state.crop = self._window(axis, index, state.box_xy)
             elif not self._crop_fits(axis, state.crop, state.box_xy):
-                state.crop = self.crop_for(axis, state.box_xy)
+                state.crop = self.crop_for(axis, state.box_xy, index)
             self._offer_window(axis, index, state.crop, walking=False)
             edits = bool(state.points) and "points" not in self.model.spec.trained_with
             _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop,
@@ -517,7 +552,7 @@ class PromptSession:
         sizes = self.config.click_box_sizes_mm
         big = max(sizes)
         hx, hy = self._mm_to_px(axis, big / 2)
-        crop = self.crop_for(axis, (x - hx, y - hy, x + hx, y + hy))
+        crop = self.crop_for(axis, (x - hx, y - hy, x + hx, y + hy), index)
         best, best_score, best_mask = None, -np.inf, np.zeros((h, w), np.uint8)
         for s in sizes:
             rx, ry = self._mm_to_px(axis, s / 2)

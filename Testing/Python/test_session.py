@@ -248,7 +248,7 @@ def test_coronal_box_on_the_ct_head(litemedsam, cranium_ct, cranium_head):
     the head, covering 0.82 of it on the middle coronal slice.)
     """
     s = PromptSession(litemedsam)
-    s.set_volume(*cranium_ct)
+    s.set_volume(*cranium_ct, preset="ct-full")  # the geometry under test; the default window is per box
     assert s.preset == "ct-full"
     js = np.nonzero(cranium_head.sum(axis=(0, 2)))[0]
     j = int((js.min() + js.max()) // 2)

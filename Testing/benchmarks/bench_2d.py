@@ -198,26 +198,66 @@ def latency(args) -> dict:
 # ------------------------------------------------------------------ rule grid, leave-one-dataset-out
 GRID_STRUCTURES = ["Thalamus_L", "Putamen_L", "Caudate_L", "Hippocampus_L", "Amygdala_L", "Cerebellum_L", "Brain",
                    "CT_head", "CT_skull", "CT_intracranial", "Aorta", "T12", "Tumour"]
-GRID_INTENSITY = {"ct": ["ct-soft-tissue", "ct-full", "ct-bone", "fitted"], "mr": ["mr", "fitted"]}
-GRID_GEOMETRY = {"z1": 1.0, "z2": 2.0, "full": None}  # zoom context, or None = whole slice (square pixels)
-# geometries measured with one intensity per modality only (cost): zoom with context 0.5, whole slice on the
-# pixel grid (no square-pixel resampling; differs from "full" only on anisotropic slices)
-GRID_EXTRA = {"ct": ("ct-soft-tissue", ["z0.5", "fullpix"]), "mr": ("mr", ["z0.5", "fullpix"])}
+# Intensity candidates measured at zoom context 2 ("z2"); the CT rule's own window (preprocess.ct_preset_for_box)
+# and MR's volume percentiles also at the other zoom contexts. A candidate rule missing a measurement on a
+# dataset is left out of the table.
+GRID_Z2_INTENSITY = {"ct": ["ct-soft-tissue", "ct-full"], "mr": ["mr"]}
+GRID_GEOMETRY = ["z1", "z2", "z3"]  # zoom context (crop margin on each side, in box sides)
+# Mask choices on one embedding (decoder only), see _post_masks
+GRID_POST = ["single", "mm_iou", "mm_ellipse", "fill", "largest", "thr-2", "thr+2", "ellipse_of_mask", "fuse_ellipse"]
 
 
-def _grid_crop(geometry_name, box, shape, spacing, size, min_crop_mm):
-    from MedFMSegmentLib.preprocess import box_crop
-
-    if geometry_name == "full":
-        return full_slice_crop(shape, spacing, size)
-    if geometry_name == "fullpix":
-        return full_slice_crop(shape, (1.0, 1.0), size)
-    return box_crop(box, shape, spacing, size, float(geometry_name[1:]), min_crop_mm)
+def _ellipse_r(shape, box) -> np.ndarray:
+    """Normalised radius of every pixel w.r.t. the ellipse inscribed in ``box`` (1 on its boundary)."""
+    x0, y0, x1, y1 = box
+    cy, cx, ry, rx = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0 + 1) / 2, (x1 - x0 + 1) / 2
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    return np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
 
 
-def grid_slice(session, array, st, axis, index, volume_ranges) -> dict:
-    """Every candidate preprocessing on one slice: Dice and predicted IoU, plus the slice's features."""
-    from MedFMSegmentLib.preprocess import PRESETS, Preset, fitted_window
+def _post_masks(session, crop, box, logits_slice, single) -> dict:
+    """Candidate mask choices from one embedding: the session's mask ("single"); among the single and the three
+    multimask answers the one the IoU head prefers ("mm_iou") or the one closest to the ellipse in the box
+    ("mm_ellipse"); holes filled; largest component; logit threshold -2 / +2; the ellipse inscribed in the
+    mask's own box; the model probability averaged with a soft ellipse in the mask's box ("fuse_ellipse")."""
+    import SimpleITK as sitk
+    from MedFMSegmentLib.masks2d import keep_components_touching
+
+    shape = single.shape
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    in_box = np.zeros(shape, bool)
+    in_box[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+
+    def clean(m):
+        return keep_components_touching(m.astype(np.uint8), in_box)
+
+    emb = session.embedding("axial", 0, crop)
+    lg, iou = session.model.decode(emb, crop.box_to_model(box), multimask=True, fast=True)
+    _, iou1 = session.model.decode(emb, crop.box_to_model(box), fast=True)
+    cands = [(single, float(iou1[0]))] + [(clean(model_to_slice(lg[c], crop, shape) > 0), float(iou[c]))
+                                           for c in range(lg.shape[0])]
+    prior = D.ellipse_in_box(shape, box) > 0
+    out = {"single": single, "mm_iou": max(cands, key=lambda c: c[1])[0],
+           "mm_ellipse": max(cands, key=lambda c: D.dice(c[0], prior))[0]}
+    out["fill"] = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(single.astype(np.uint8))))
+    lab = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(single.astype(np.uint8)))))
+    out["largest"] = (lab == 1).astype(np.uint8) if single.any() else single
+    out["thr-2"], out["thr+2"] = clean(logits_slice > -2), clean(logits_slice > 2)
+    mb = geometry.box_from_mask(single)
+    if mb is None:
+        out["ellipse_of_mask"] = out["fuse_ellipse"] = single
+    else:
+        r = _ellipse_r(shape, mb)
+        out["ellipse_of_mask"] = (r <= 1).astype(np.uint8)
+        p = 1 / (1 + np.exp(-np.clip(logits_slice, -30, 30)))
+        out["fuse_ellipse"] = clean((0.5 * p + 0.5 / (1 + np.exp(-8 * (1 - r)))) > 0.5)
+    return out
+
+
+def grid_slice(session, default, array, st, axis, index, volume_ranges) -> dict:
+    """Every candidate preprocessing and mask choice on one slice: Dice, plus the slice's features and the
+    default session's own Dice (``default``: a session on the whole volume with every default)."""
+    from MedFMSegmentLib.preprocess import PRESETS, Preset, ct_preset_for_box
 
     raw = geometry.get_slice(array, axis, index)
     gt = geometry.get_slice(st.mask, axis, index)
@@ -232,22 +272,21 @@ def grid_slice(session, array, st, axis, index, volume_ranges) -> dict:
            "ellipse": D.dice(D.ellipse_in_box(gt.shape, D.padded_box(gt, 0)), gt),
            "ellipse_in_prompt_box": D.dice(D.ellipse_in_box(gt.shape, box), gt)}
     row["reference"] = D.dice(reference_predict(session.model, raw, box, ct=st.modality == "ct"), gt)
+    default.reset()
+    row["default"] = D.dice(default.add_box(axis, index, box).mask, gt)
     matrix = np.diag([sx, sy, 1.0, 1.0])  # the slice as a one-slice volume with its own pixel spacing
-    extra_int, extra_geoms = GRID_EXTRA[st.modality]
-    for name in GRID_INTENSITY[st.modality]:
-        if name == "fitted":
-            window = fitted_window(raw, box)
-        elif PRESETS[name].window is not None:
-            window = PRESETS[name].window
-        else:
-            window = volume_ranges[name]  # the per-volume percentiles, computed on the whole volume
+    rule = ct_preset_for_box(raw, box) if st.modality == "ct" else "mr"
+    row["ct_rule_choice"] = rule  # the session's rule when this row was measured (its z1 / z3 window)
+    todo = [(n, "z2") for n in GRID_Z2_INTENSITY[st.modality]]
+    todo += [(rule, g) for g in GRID_GEOMETRY if (rule, g) not in todo]
+    for name, g in todo:
+        window = PRESETS[name].window if PRESETS[name].window is not None else volume_ranges[name]
         session.set_volume(raw[None], matrix, preset=Preset(name, "", window=window))
-        geoms = list(GRID_GEOMETRY) + (extra_geoms if name == extra_int else [])
-        for g in geoms:
-            crop = _grid_crop(g, box, raw.shape, (sy, sx), session.model.input_size, session.config.min_crop_mm)
-            _, score, mask = session.predict("axial", 0, box, crop=crop)
-            row[f"{name}|{g}"] = round(D.dice(mask, gt), 4)
-            row[f"{name}|{g}:iou"] = round(score, 4)
+        from MedFMSegmentLib.preprocess import box_crop
+        crop = box_crop(box, raw.shape, (sy, sx), session.model.input_size, float(g[1:]), session.config.min_crop_mm)
+        logits, score, mask = session.predict("axial", 0, box, crop=crop)
+        for post, m in _post_masks(session, crop, box, logits, mask).items():
+            row[f"{name}|{g}|{post}"] = round(D.dice(m, gt), 4)
     return row
 
 
@@ -272,46 +311,57 @@ def grid(args) -> dict:
             for rank, index in enumerate(D.sample_slices(st.mask, axis, n)):
                 tasks.append((rank, name, axis, index))
     tasks.sort(key=lambda t: t[0])  # one slice of every structure and plane first: partial runs cover all
-    session = PromptSession(config=SessionConfig(), cache_bytes=256 << 20, precision=args.precision,
-                            compile=args.compile)
+    todo = [t for t in tasks if (t[1], t[2], t[3]) not in done]
+    session = defaults = None
     ranges = {}
     t0 = time.perf_counter()
-    for n_done, (_, name, axis, index) in enumerate(tasks):
-        if (name, axis, index) in done:
-            continue
+    for n_done, (_, name, axis, index) in enumerate(todo):
         st = structs[name]
         array, m = vols[st.volume]
+        if session is None:
+            session = PromptSession(config=SessionConfig(), cache_bytes=64 << 20, precision=args.precision,
+                                    compile=args.compile)
+            defaults = {}
+            logging.warning("runtime: %s", session.runtime_info)
         if st.volume not in ranges:
             ranges[st.volume] = {"matrix": m, "mr": intensity_range(array, PRESETS["mr"])}
-        row = grid_slice(session, array, st, axis, index, ranges[st.volume])
+            defaults[st.volume] = PromptSession(session.model, cache_bytes=64 << 20)
+            defaults[st.volume].set_volume(array, m)
+        row = grid_slice(session, defaults[st.volume], array, st, axis, index, ranges[st.volume])
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        logging.warning("%d/%d %s %s %d  %.0f s", n_done + 1, len(tasks), name, axis, index, time.perf_counter() - t0)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return lodo(rows)
+        logging.warning("%d/%d %s %s %d  %.0f s", n_done + 1, len(todo), name, axis, index, time.perf_counter() - t0)
+    rows = []
+    for path in [out] + [Path(p) for p in args.grid_extra]:
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    result = lodo(rows)
+    if session is not None:
+        result["runtime"] = session.runtime_info
+    return result
 
 
 def _rules(modality):
     """Candidate rules for one modality: name -> (intensity chooser, geometry chooser), both row -> key part."""
-    ints = {n: (lambda r, n=n: n) for n in GRID_INTENSITY[modality]}
     if modality == "ct":
-        for t in (0.2, 0.35, 0.5):
-            ints[f"soft, bone if bone>{t}"] = lambda r, t=t: "ct-bone" if r["bone_frac"] > t else "ct-soft-tissue"
-            ints[f"soft, full if bone>{t}"] = lambda r, t=t: "ct-full" if r["bone_frac"] > t else "ct-soft-tissue"
-            ints[f"soft, full if bone or air>{t}"] = (lambda r, t=t: "ct-full" if r["bone_frac"] + r["air_frac"] > t
-                                                      else "ct-soft-tissue")
-    geoms = {g: (lambda r, g=g: g) for g in list(GRID_GEOMETRY) + GRID_EXTRA[modality][1]}
-    for c in ("z0.5", "z1", "z2"):
+        ints = {n: (lambda r, n=n: n) for n in GRID_Z2_INTENSITY["ct"]}
+        for t in (0.1, 0.2, 0.3, 0.4, 0.5):  # measured at z2 only (both windows are)
+            ints[f"soft unless air > {t} -> full"] = lambda r, t=t: "ct-full" if r["air_frac"] > t else "ct-soft-tissue"
+            ints[f"soft unless bone/air > {t} -> full"] = (lambda r, t=t: "ct-full" if r["air_frac"] + r["bone_frac"] > t
+                                                            else "ct-soft-tissue")
+    else:
+        ints = {"mr": lambda r: "mr"}
+    geoms = {g: (lambda r, g=g: g) for g in GRID_GEOMETRY}
+    for c in ("z1", "z3"):
         for t in (0.1, 0.2, 0.3):
-            geoms[f"{c} if box<{t} else full"] = lambda r, c=c, t=t: c if r["box_frac"] < t else "full"
+            geoms[f"{c} if box<{t} else z2"] = lambda r, c=c, t=t: c if r["box_frac"] < t else "z2"
     return ints, geoms
 
 
-def _score(rows, int_rule, geom_rule):
+def _score(rows, int_rule, geom_rule, post):
     """Mean over structures of the mean Dice over slices; None when a row lacks the chosen measurement."""
     per = {}
     for r in rows:
-        key = f"{int_rule(r)}|{geom_rule(r)}"
+        key = f"{int_rule(r)}|{geom_rule(r)}|{post}"
         if key not in r:
             return None
         per.setdefault(r["structure"], []).append(r[key])
@@ -326,40 +376,37 @@ def _mean_by_structure(rows, key):
 
 
 def _per_structure(rs) -> dict:
-    keys = ["reference", "ellipse", "ellipse_in_prompt_box"] + [k for k in rs[0] if "|" in k and not k.endswith(":iou")]
+    keys = ["default", "reference", "ellipse", "ellipse_in_prompt_box"] + [
+        k for k in rs[0] if k.count("|") == 2 and k.split("|")[1] == "z2"]
     return {k: round(statistics.mean(r[k] for r in rs), 3) for k in keys if all(k in r for r in rs)}
 
 
 def lodo(rows) -> dict:
-    """Leave-one-dataset-out choice of the preprocessing rule: for each dataset, the rule (CT intensity,
-    MR intensity, geometry) with the best mean over the other three datasets' means, scored held out."""
+    """Leave-one-dataset-out choice of the rule (CT intensity, MR intensity, geometry, mask choice): for each
+    dataset, the rule with the best mean over the other three datasets' means, scored held out; beside it the
+    default session's own Dice on the same slices and prompts (it must equal the rule the default implements)."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     by = {d: [r for r in rows if r["dataset"] == d] for d in datasets}
     mod = {d: by[d][0]["modality"] for d in datasets}
     ict, gct = _rules("ct")
     imr, gmr = _rules("mr")
-    geoms = [g for g in gct if g in gmr]
-    table = {}  # (ct rule, mr rule, geometry) -> dataset -> score
-    for g in geoms:
+    table = {}  # (ct rule, mr rule, geometry, post) -> dataset -> score
+    for g in gct:
         for ic in ict:
             for im in imr:
-                sc = {}
-                for d in datasets:
-                    ir = ict[ic] if mod[d] == "ct" else imr[im]
-                    sc[d] = _score(by[d], ir, (gct if mod[d] == "ct" else gmr)[g])
-                if all(v is not None for v in sc.values()):
-                    table[(ic, im, g)] = sc
-    baselines = {d: {k: _mean_by_structure(by[d], k) for k in ("reference", "ellipse", "ellipse_in_prompt_box")}
+                for post in GRID_POST:
+                    sc = {d: _score(by[d], ict[ic] if mod[d] == "ct" else imr[im],
+                                    (gct if mod[d] == "ct" else gmr)[g], post) for d in datasets}
+                    if all(v is not None for v in sc.values()):
+                        table[(ic, im, g, post)] = sc
+    baselines = {d: {k: _mean_by_structure(by[d], k) for k in ("default", "reference", "ellipse", "ellipse_in_prompt_box")}
                  for d in datasets}
-    for d in datasets:
-        old = "ct-full|z2" if mod[d] == "ct" else "mr|z2"
-        baselines[d]["medfm_before (ct-full / mr, zoom context 2)"] = _mean_by_structure(by[d], old)
     folds = {}
     for d in datasets:
         train = [x for x in datasets if x != d]
         best = max(table, key=lambda k: statistics.mean(table[k][x] for x in train))
         oracle = max(table, key=lambda k: table[k][d])
-        folds[d] = {"chosen_on_the_other_three": {"ct": best[0], "mr": best[1], "geometry": best[2]},
+        folds[d] = {"chosen_on_the_other_three": {"ct": best[0], "mr": best[1], "geometry": best[2], "mask": best[3]},
                     "train_mean": round(statistics.mean(table[best][x] for x in train), 3),
                     "held_out": round(table[best][d], 3), **baselines[d],
                     "best_in_sample_on_this_dataset": round(table[oracle][d], 3),
@@ -368,13 +415,18 @@ def lodo(rows) -> dict:
     choices = [tuple(f["chosen_on_the_other_three"].values()) for f in folds.values()]
     default = max(set(choices), key=lambda c: (choices.count(c), statistics.mean(table[c].values())))
     ranking = sorted(table, key=lambda k: -statistics.mean(table[k].values()))[:15]
+    session_rule = ("soft unless air > 0.3 -> full", "mr", "z2", "single")  # what PromptSession does by default
     return {"folds": folds, "default_by_lodo": {"rule": list(default), "chosen_in_folds": choices.count(default),
                                                 "per_dataset": {d: round(v, 3) for d, v in table[default].items()}},
+            "session_default_rule": {"rule": list(session_rule),
+                                     "per_dataset": {d: round(v, 3) for d, v in table[session_rule].items()},
+                                     "measured_default_session": {d: baselines[d]["default"] for d in datasets}},
+            "note": "measured_default_session: the default session of the run that wrote the per-slice files",
             "top_rules_mean_over_datasets": [{"rule": list(k), **{d: round(v, 3) for d, v in table[k].items()}}
                                              for k in ranking],
             "per_structure": {n: _per_structure([r for r in rows if r["structure"] == n])
                               for n in dict.fromkeys(r["structure"] for r in rows)},
-            "slices": len(rows)}
+            "slices": len(rows), "cpu": __import__("MedFMSegmentLib.runtimes", fromlist=["x"]).cpu_info().as_dict()}
 
 
 def main(argv=None):
@@ -385,12 +437,13 @@ def main(argv=None):
     p.add_argument("--context", type=float, default=SessionConfig.context)
     p.add_argument("--preset-ct", default=None)
     p.add_argument("--preset-mr", default=None)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default=None, help="None: the runtime's default (OpenVINO bf16 if it agrees)")
     p.add_argument("--reference", action="store_true", help="also run the official reference pipeline")
     p.add_argument("--clicks", action="store_true")
     p.add_argument("--latency", action="store_true", help="only measure latency")
     p.add_argument("--grid", action="store_true", help="candidate preprocessing rules + leave-one-dataset-out")
     p.add_argument("--grid-file", default="/tmp/bench_i9/grid2d.jsonl", help="per-slice results (resumed)")
+    p.add_argument("--grid-extra", nargs="*", default=[], help="--grid: more per-slice files to include (read only)")
     p.add_argument("--per-plane-mri", type=int, default=2, help="--grid: slices per plane on Colin27")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--latency-slices", type=int, default=12)

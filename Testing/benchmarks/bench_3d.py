@@ -41,7 +41,9 @@ from bench_2d import reference_predict  # noqa: E402
 DEFAULT = ["Thalamus_L", "Amygdala_L", "Pallidum_L", "T12", "Aorta_descending", "Tumour"]
 # ROI-mode variants measured on the same embeddings (decoder only): what each part of the ROI logic adds
 ROI_VARIANTS = {"roi_no_neighbour_vote": RoiConfig(seed_neighbours=0),
-                "roi_seed_by_predicted_iou_only": RoiConfig(seed_neighbours=0, fill_weight=0.0, centre_weight=0.0)}
+                "roi_seed_by_predicted_iou_only": RoiConfig(seed_neighbours=0, fill_weight=0.0, centre_weight=0.0),
+                "roi_track_multimask": RoiConfig(track_multimask=True),
+                "roi_rect_bonus_0.3": RoiConfig(rect_bonus=0.3)}
 
 
 def naive_reference(array, gt, tmp) -> dict:
@@ -67,7 +69,7 @@ def rect_on_every_slice(session, array, lo, hi, ct: bool):
     """(reference pipeline, MedFM preprocessing) masks with the ROI's rectangle on every slice of the ROI."""
     rect = (lo[2], lo[1], hi[2], hi[1])
     ref, med = np.zeros(session.shape, np.uint8), np.zeros(session.shape, np.uint8)
-    crop = session.crop_for("axial", rect)
+    crop = session.crop_for("axial", rect, (lo[0] + hi[0]) // 2)
     for k in range(lo[0], hi[0] + 1):
         ref[k] = reference_predict(session.model, array[k], rect, ct=ct)
         med[k] = session.predict("axial", k, rect, crop=crop)[2]
@@ -91,6 +93,7 @@ def run(args) -> dict:
         if st.volume not in sessions:
             if model is None:
                 model = PromptSession(precision=args.precision, compile=args.compile).model
+                logging.warning("runtime: %s", {k: v for k, v in model.runtime_info.items() if k != "exports"})
                 t = time.perf_counter()
                 model.encode(np.zeros((model.input_size,) * 2, np.float32))  # compile / warm up, not timed
                 logging.warning("encoder warm-up %.1f s", time.perf_counter() - t)
@@ -103,6 +106,8 @@ def run(args) -> dict:
         shape = gt.shape
         lo = (max(k0 - 2, 0), max(j0 - 2, 0), max(i0 - 2, 0))
         hi = (min(k1 + 2, shape[0] - 1), min(j1 + 2, shape[1] - 1), min(i1 + 2, shape[2] - 1))
+        if st.slab is not None:  # a slab of a larger object: the ROI's slices are the slab's
+            lo, hi = (st.slab[0],) + lo[1:], (st.slab[1],) + hi[1:]
         row = {"dataset": st.dataset, "slices": int(k1 - k0 + 1), "preset": session.preset}
         roi_ijk = ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0]))
         t = time.perf_counter()
@@ -125,6 +130,8 @@ def run(args) -> dict:
             t = time.perf_counter()
             session.add_box("axial", mid, box)
             limits = (int(ks[0]) - args.prop_margin, int(ks[-1]) + args.prop_margin)
+            if st.slab is not None:
+                limits = st.slab
             p = propagate(session, axis="axial", limits=limits)
             row["box_prop"] = round(D.dice(p.mask, gt), 3)
             row["box_prop_seconds"] = round(time.perf_counter() - t, 1)
@@ -156,13 +163,15 @@ def summarise(rows) -> dict:
     for d in dict.fromkeys(r["dataset"] for r in rows.values()):
         out["per_dataset"][d] = means([r for r in rows.values() if r["dataset"] == d])
     out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    from MedFMSegmentLib.runtimes import cpu_info
+    out["cpu"] = cpu_info().as_dict()
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--structures", nargs="*", default=DEFAULT)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default=None, help="None: the runtime's default (OpenVINO bf16 if it agrees)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (same masks, faster)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--naive", action="store_true")

@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +36,8 @@ DATASETS = {"mri": ("colin27", "mr"), "ct": ("head_ct", "ct"), "chest_ct": ("che
             "tumour_mr": ("tumour_mr", "mr")}
 # Descending thoracic aorta (one tube on every axial slice): the 3D benchmark's aorta slab
 AORTA_SLAB = (20, 49)
+# 20 axial slices of the head CT's whole head (the 3D benchmarks' head CT object; ROI and propagation stay in it)
+HEAD_SLAB = (44, 63)
 
 
 def available() -> bool:
@@ -59,6 +61,7 @@ class Structure:
     volume: str  # a key of DATASETS: "mri", "ct", "chest_ct", "tumour_mr"
     mask: np.ndarray  # uint8 [k, j, i]
     axes: Tuple[str, ...] = ("axial", "coronal", "sagittal")
+    slab: Optional[Tuple[int, int]] = None  # a slab of a larger object: 3D benchmarks stay on these axial slices
 
     @property
     def dataset(self) -> str:
@@ -100,6 +103,9 @@ def structures() -> Dict[str, Structure]:
     bone, _ = read(DATA / "cranium_ct" / "cranium_bone_thr226.nrrd")
     out["CT_head"] = Structure("CT_head", "ct", (head > 0).astype(np.uint8))
     out["CT_skull"] = Structure("CT_skull", "ct", (bone > 0).astype(np.uint8))
+    head_slab = np.zeros_like(out["CT_head"].mask)
+    head_slab[HEAD_SLAB[0]:HEAD_SLAB[1] + 1] = out["CT_head"].mask[HEAD_SLAB[0]:HEAD_SLAB[1] + 1]
+    out["CT_head_slab"] = Structure("CT_head_slab", "ct", head_slab, axes=("axial",), slab=HEAD_SLAB)
     out["CT_intracranial"] = Structure("CT_intracranial", "ct", _intracranial((bone > 0).astype(np.uint8)),
                                        axes=("axial",))
     aorta = (read(DATA / "chest_ct" / "aorta.nii.gz")[0] > 0).astype(np.uint8)
