@@ -99,6 +99,7 @@ def encoder_rounds(args, threads: int, volume, cache_root: Path) -> dict:
                      "rss_after_load_mb": rss_mb(), "runtime_info": {k: v for k, v in m.runtime_info.items()
                                                                      if k not in ("cpu",)}, "times": []}
         loaded[name] = m
+        logging.warning("threads=%d %s loaded: %s", threads, name, {k: v for k, v in res[name].items() if k != "times"})
     embs = {name: [None] * len(inputs) for name in variants}
     for _ in range(args.rounds):  # interleaved: every variant over the same slices, in turn, each round
         for name, m in loaded.items():
@@ -107,6 +108,8 @@ def encoder_rounds(args, threads: int, volume, cache_root: Path) -> dict:
                 emb = m.encode(inp[5])
                 res[name]["times"].append(time.perf_counter() - t)
                 embs[name][i] = emb
+            logging.warning("threads=%d round %d %s: median so far %.3f s/slice (load %.2f)", threads, _, name,
+                            statistics.median(res[name]["times"]), os.getloadavg()[0])
     ref_model = loaded["torch_eager_fp32"]
     ref_masks = [mask_from(ref_model, e, inp[4], inp[2], inp[3].shape) for e, inp in zip(embs["torch_eager_fp32"], inputs)]
     ref_time = statistics.median(res["torch_eager_fp32"]["times"])
@@ -192,6 +195,8 @@ def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None
                 r = segment_roi(s, ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])), axis="axial")
                 seconds = time.perf_counter() - t
                 s.close()
+                logging.warning("e2e %s round %d %s: %.1f s, dice %.4f (load %.2f)", target, rnd, name, seconds,
+                                D.dice(r.mask, gt), os.getloadavg()[0])
                 entry = row.setdefault(name, {"seconds": [], "dice": round(D.dice(r.mask, gt), 4)})
                 entry["seconds"].append(round(seconds, 2))
                 entry.setdefault("masks_equal_across_rounds", True)
