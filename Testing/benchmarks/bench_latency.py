@@ -215,6 +215,8 @@ def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None
                     row.setdefault("_masks", {})[name] = r.mask
                 elif not np.array_equal(row["_masks"][name], r.mask):
                     entry["masks_equal_across_rounds"] = False
+                out[target] = {k: v for k, v in row.items() if k != "_masks"}  # partial: a stopped run keeps it
+                save()
         masks = row.pop("_masks")
         base = statistics.median(row["today_default_torch_eager"]["seconds"])
         for name in configs:
