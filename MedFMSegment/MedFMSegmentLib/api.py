@@ -37,6 +37,7 @@ class SegmentationReport:
     seconds: float = 0.0
     device: str = ""
     model: str = ""
+    runtime_info: Dict[str, object] = field(default_factory=dict)  # as ``medfm models`` shows it
 
 
 def as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
@@ -159,4 +160,5 @@ def segment(array_kji, ijk_to_ras, prompt_source, session: Optional[PromptSessio
         report.seconds = time.perf_counter() - t0
         report.device = str(session.model.device)
         report.model = session.model.spec.id
+        report.runtime_info = session.runtime_info
     return out

@@ -157,6 +157,7 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     rep = {"volume": str(volume), "prompts": str(prompts_path), "output": str(output),
            "labelmap": labelmap, "overlay": overlay, "model": report.model, "device": report.device,
            "seconds": round(report.seconds, 2), "segments": report.segments}
+    rep["runtime_info"] = report.runtime_info  # device, runtime, precision, threads, reasons, CPU + ISA flags
     warnings = [w for info in report.segments.values() for w in info.get("warnings", [])]  # e.g. corrections
     warnings += _empty_segment_warnings(masks)
     if warnings:
@@ -216,7 +217,8 @@ def detect_runner(options: argparse.Namespace, case, get_session) -> dict:
                                        preset=options.preset)
     report = json.loads(json.dumps(report, default=str))
     report.update(volume=case.volume, detector=case.detector, output=case.output("seg"),
-                  labelmap=case.output("labelmap"), device=str(session.model.device))
+                  labelmap=case.output("labelmap"), device=str(session.model.device),
+                  runtime_info=session.runtime_info)
     if not masks:
         log.warning("case %s: the detector found nothing; no output written", case.name)
         return {**report, "found_nothing": True}
@@ -387,9 +389,11 @@ def cmd_detect_segment(args) -> int:
 
         _check_adapters([str(p) for p in sorted(Path(args.adapter_dir).iterdir()) if is_adapter_dir(p)])
         loader = _adapter_loader()
-    masks, report = detect_and_segment(_session(args), detector, array_kji, ijk_to_ras, axis=args.axis,
+    session = _session(args)
+    masks, report = detect_and_segment(session, detector, array_kji, ijk_to_ras, axis=args.axis,
                                        score_threshold=args.score_threshold, margin_vox=args.margin,
                                        adapter_dir=args.adapter_dir, adapter_loader=loader, preset=args.preset)
+    report = {**report, "runtime_info": session.runtime_info}
     if not masks:
         print(json.dumps({"message": "the detector found nothing; no output written", **report}, indent=1))
         return 0

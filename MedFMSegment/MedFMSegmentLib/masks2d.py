@@ -18,11 +18,15 @@ def keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray
     """The connected components of a 2D mask that touch ``region`` (all of it if none does)."""
     if not mask.any():
         return mask
-    lab = _components(mask)
-    keep = np.unique(lab[region & (lab > 0)])
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # every component lies in the mask's box
+    lab = _components(mask[box])
+    keep = np.unique(lab[region[box] & (lab > 0)])
     if keep.size == 0:
         return mask
-    return np.isin(lab, keep).astype(np.uint8)
+    out = np.zeros(mask.shape, np.uint8)
+    out[box] = np.isin(lab, keep)
+    return out
 
 
 def _cut_at(mask: np.ndarray, xy_negative: Tuple[int, int], keep_xy: Sequence[Tuple[float, float]]) -> np.ndarray:

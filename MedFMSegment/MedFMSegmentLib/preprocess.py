@@ -240,19 +240,28 @@ def slice_to_model(slice_u8: np.ndarray, crop: Crop) -> np.ndarray:
 
 
 def model_to_slice(logits_model: torch.Tensor, crop: Crop, shape_yx) -> np.ndarray:
-    """Map (S, S) model-input logits back onto the slice grid; pixels outside the crop get -inf-ish."""
+    """Map (S, S) model-input logits back onto the slice grid; pixels outside the crop get -inf-ish.
+
+    Only the slice pixels inside the crop are resampled (a box's crop is a small part of a CT
+    slice); each is computed exactly as on the whole grid, so the result is the same.
+    """
     import torch
     import torch.nn.functional as F
 
     h, w = shape_yx
+    out = np.full((h, w), -20.0, np.float32)
+    # slice pixel centres -> model input normalised coords (float64, then float32 as grid_sample takes)
+    xs = ((torch.arange(w, dtype=torch.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1
+    ys = ((torch.arange(h, dtype=torch.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1
+    xs, ys = xs.float(), ys.float()
+    cols, rows = torch.nonzero(xs.abs() <= 1)[:, 0], torch.nonzero(ys.abs() <= 1)[:, 0]
+    if not len(cols) or not len(rows):
+        return out
+    c0, c1, r0, r1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1  # contiguous: monotonic
     lg = logits_model.float()[None, None] if logits_model.dim() == 2 else logits_model.float()
     if lg.shape[-1] != crop.size:
         lg = F.interpolate(lg, size=(crop.size, crop.size), mode="bilinear", align_corners=False)
-    # slice pixel centres -> model input normalised coords
-    xs = ((torch.arange(w, dtype=torch.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1
-    ys = ((torch.arange(h, dtype=torch.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None].float()
-    out = F.grid_sample(lg.cpu(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
-    inside = (grid[0, ..., 0].abs() <= 1) & (grid[0, ..., 1].abs() <= 1)
-    out[~inside] = -20.0
-    return out.numpy()
+    grid = torch.stack(torch.meshgrid(ys[r0:r1], xs[c0:c1], indexing="ij")[::-1], dim=-1)[None]
+    out[r0:r1, c0:c1] = F.grid_sample(lg.cpu(), grid, mode="bilinear", padding_mode="border",
+                                      align_corners=False)[0, 0].numpy()
+    return out

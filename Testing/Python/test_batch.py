@@ -288,7 +288,7 @@ def fast_session(monkeypatch, litemedsam):
     monkeypatch.setattr(cli, "_session", lambda args: PromptSession(litemedsam))
 
 
-def test_detect_segment_over_a_cohort(tmp_path, capsys, fast_session):
+def test_detect_segment_over_a_cohort(tmp_path, capsys, fast_session, litemedsam):
     """Two one-slice cases, each with its own label map (a box on the thalamus): {case} picks the file."""
     cases, labels, out = tmp_path / "cases", tmp_path / "labels", tmp_path / "out"
     cases.mkdir()
@@ -310,9 +310,27 @@ def test_detect_segment_over_a_cohort(tmp_path, capsys, fast_session):
         assert list(masks) == ["1"]  # a label map detector names segments by label value
         assert masks["1"][0, 30:50, 25:45].sum() > 0.3 * 400 and masks["1"][0].sum() < 2 * 400
         assert report(out, name)["inputs"][str(labels / f"{name}.nii.gz")]
+        assert report(out, name)["runtime_info"] == json.loads(json.dumps(PromptSession(litemedsam).runtime_info))
     code, stdout, _ = run(["-q", "detect-segment", cases, "--detector", f"labelmap:{labels}/{{case}}.nii.gz",
                            "--output-dir", out], capsys)
     assert code == 0 and json.loads(stdout)["skipped"] == ["x", "y"]
+
+
+def test_detect_segment_on_one_volume_reports_the_runtime(tmp_path, capsys, fast_session, litemedsam):
+    """One volume: the JSON on stdout names the runtime choice (runtime, precision, threads, CPU flags)."""
+    image = sitk.ReadImage(str(SAMPLE))
+    sitk.WriteImage(image[:, :, 33:34], str(tmp_path / "x.nrrd"), True)
+    array_kji, ijk_to_ras = io.read_volume(tmp_path / "x.nrrd")
+    mask = np.zeros(array_kji.shape, np.uint8)
+    mask[0, 30:50, 25:45] = 1
+    io.write_labelmap(tmp_path / "x.nii.gz", {"thal": mask}, ijk_to_ras)
+    code, stdout, err = run(["-q", "detect-segment", tmp_path / "x.nrrd", "--detector",
+                             f"labelmap:{tmp_path / 'x.nii.gz'}", "--output", tmp_path / "x.seg.nrrd"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)["runtime_info"]
+    assert info == json.loads(json.dumps(litemedsam.runtime_info))
+    assert {"runtime", "precision", "threads", "reason", "threads_reason", "device"} <= set(info)
+    assert info["cpu"]["isa_flags"] and info["cpu"]["model"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -123,6 +123,30 @@ def test_segment_writes_a_seg_nrrd_on_the_input_grid(sample_run):
                                                      "thalamus.labels.nii.gz"])  # no temporary files
 
 
+RUNTIME_KEYS = {"device", "device_reason", "runtime", "precision", "reason", "threads", "threads_reason", "cpu"}
+
+
+def models_runtime(capsys) -> dict:
+    """The runtime choice ``medfm models`` prints (stderr: ``runtime {json}``)."""
+    code, _, err = run(["models"], capsys)
+    assert code == 0
+    line = [row for row in err.splitlines() if row.startswith("runtime ")][-1]
+    return json.loads(line[len("runtime "):])
+
+
+def test_segment_report_names_the_runtime_as_models_shows_it(sample_run, capsys):
+    """The JSON report on stdout carries the runtime choice: device, runtime, precision, threads, reasons,
+    the CPU model and its ISA flags, the same as ``medfm models`` plans on this machine."""
+    info = json.loads(sample_run["stdout"])["runtime_info"]
+    assert RUNTIME_KEYS <= set(info), sorted(info)
+    planned = models_runtime(capsys)
+    assert info["cpu"] == planned["cpu"] and info["cpu"]["isa_flags"] and info["cpu"]["model"]
+    assert (info["device"], info["runtime"], info["threads"]) == (planned["device"], planned["runtime"],
+                                                                  planned["threads"]), (info, planned)
+    if info["precision"] != planned["precision"]:  # a planned bf16 that failed its check runs fp32, and says so
+        assert (planned["precision"], info["precision"]) == ("bf16", "fp32") and "failed its check" in info["reason"]
+
+
 def ellipse_in_box(shape, box):
     x0, y0, x1, y1 = box
     yy, xx = np.mgrid[:shape[0], :shape[1]]
@@ -280,7 +304,7 @@ def report(out: Path, case: str) -> dict:
     return json.loads((out / f"{case}.report.json").read_text(encoding="utf-8"))
 
 
-def test_batch_keeps_going_reports_and_resumes(cohort, capsys, fast_session):
+def test_batch_keeps_going_reports_and_resumes(cohort, capsys, fast_session, litemedsam):
     cases, prompts, out = cohort
     code, stdout, err = batch(cohort, capsys)
     assert code == 1, err
@@ -290,6 +314,8 @@ def test_batch_keeps_going_reports_and_resumes(cohort, capsys, fast_session):
                                     "broken.report.json", "summary.json", "summary.csv"])
     ok = report(out, "ok")
     assert ok["status"] == "done" and ok["output"] == str(out / "ok.seg.nrrd")
+    assert ok["runtime_info"] == json.loads(json.dumps(litemedsam.runtime_info))  # the case's session's runtime
+    assert RUNTIME_KEYS <= set(ok["runtime_info"])
     info = ok["segments"]["Thalamus_L"]
     assert info["propagate_axial"]["slices"] == 3  # propagated from slice 1 to both ends of the crop
     masks, matrix = io.read_segmentation(out / "ok.seg.nrrd")

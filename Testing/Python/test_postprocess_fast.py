@@ -1,0 +1,85 @@
+"""The prompt-to-mask postprocessing computes only where the answer can be non-trivial (inside the
+crop, inside the mask's bounding box); these tests compare it with the whole-grid computation it
+replaced, on real model logits (a chest CT box and a Colin27 box) and on random ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from MedFMSegmentLib.masks2d import _components, keep_components_touching
+from MedFMSegmentLib.preprocess import Crop, box_crop, full_slice_crop, model_to_slice
+
+
+def model_to_slice_whole_grid(logits_model, crop, shape_yx):
+    """The previous implementation: grid_sample over every slice pixel, then -20 outside the crop."""
+    h, w = shape_yx
+    lg = logits_model.float()[None, None] if logits_model.dim() == 2 else logits_model.float()
+    if lg.shape[-1] != crop.size:
+        lg = F.interpolate(lg, size=(crop.size, crop.size), mode="bilinear", align_corners=False)
+    xs = ((torch.arange(w, dtype=torch.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1
+    ys = ((torch.arange(h, dtype=torch.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None].float()
+    out = F.grid_sample(lg.cpu(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    inside = (grid[0, ..., 0].abs() <= 1) & (grid[0, ..., 1].abs() <= 1)
+    out[~inside] = -20.0
+    return out.numpy()
+
+
+def keep_components_whole_grid(mask, region):
+    lab = _components(mask)
+    keep = np.unique(lab[region & (lab > 0)])
+    return mask if keep.size == 0 else np.isin(lab, keep).astype(np.uint8)
+
+
+CROPS = [  # (slice shape, crop): a box on a 512 CT slice, near the edge, a full slice, anisotropic pixels, 1024 px
+    ((512, 512), box_crop((200, 220, 240, 260), (512, 512), (0.7, 0.7), 256)),
+    ((512, 512), box_crop((0, 480, 30, 511), (512, 512), (0.7, 0.7), 256)),
+    ((217, 181), full_slice_crop((217, 181), (1.0, 1.0), 256)),
+    ((120, 300), box_crop((100, 30, 160, 90), (120, 300), (2.5, 0.8), 256)),
+    ((512, 512), box_crop((100, 100, 300, 260), (512, 512), (0.5, 0.5), 1024)),
+    ((64, 64), Crop(500.0, 500.0, 1.0, 1.0, 256)),  # entirely off the slice
+]
+
+
+@pytest.mark.parametrize("shape, crop", CROPS)
+def test_model_to_slice_equals_the_whole_grid_computation(shape, crop):
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(0, 8, (256, 256)).astype(np.float32))
+    new, old = model_to_slice(logits, crop, shape), model_to_slice_whole_grid(logits, crop, shape)
+    assert new.dtype == old.dtype == np.float32 and new.shape == old.shape == shape
+    assert np.array_equal(new, old)
+
+
+def test_real_prompt_to_mask_is_unchanged(colin27_session):
+    """Real logits of a box on a Colin27 slice (the session's own crop): logits and the kept
+    component equal to the whole-grid computation."""
+    session = colin27_session
+    k = session.shape[0] // 2
+    box = (70, 90, 110, 130)
+    crop = session.crop_for("axial", box)
+    logits_model, _ = session.model.decode(session.embedding("axial", k, crop), crop.box_to_model(box))
+    shape = session.shape[1:]
+    new, old = model_to_slice(logits_model[0], crop, shape), model_to_slice_whole_grid(logits_model[0], crop, shape)
+    assert np.array_equal(new, old) and (new > 0).sum() > 100
+    mask = (new > 0).astype(np.uint8)
+    inside = np.zeros(shape, bool)
+    inside[90:131, 70:111] = True
+    assert np.array_equal(keep_components_touching(mask, inside), keep_components_whole_grid(mask, inside))
+
+
+def test_keep_components_touching_equals_the_whole_grid_computation():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        mask = np.zeros((120, 140), np.uint8)
+        for _ in range(rng.integers(1, 6)):  # a few rectangles and blobs, some touching
+            y, x, hh, ww = rng.integers(0, 110), rng.integers(0, 130), rng.integers(1, 30), rng.integers(1, 30)
+            mask[y:y + hh, x:x + ww] = 1
+        mask &= (rng.random(mask.shape) > 0.1).astype(np.uint8)
+        region = np.zeros(mask.shape, bool)
+        y, x = rng.integers(0, 100), rng.integers(0, 120)
+        region[y:y + 20, x:x + 20] = True
+        assert np.array_equal(keep_components_touching(mask, region), keep_components_whole_grid(mask, region))
+    empty = np.zeros((10, 10), np.uint8)
+    assert keep_components_touching(empty, np.ones((10, 10), bool)) is empty
