@@ -28,6 +28,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -648,7 +649,8 @@ def _fake_result(monkeypatch, template):
     array, _ = io.read_volume(template / "vol.nrrd")
     mask = np.zeros(array.shape, np.uint8)
     mask[30:36, 30:50, 20:45] = 1
-    monkeypatch.setattr(cli, "_session", lambda args: object())
+    stand_in = types.SimpleNamespace(runtime_info={"runtime": "stand-in"})  # the reports read it
+    monkeypatch.setattr(cli, "_session", lambda args: stand_in)
     monkeypatch.setattr(api, "segment", lambda *a, **k: {"Thalamus_L": mask})
     monkeypatch.setattr(chain, "detect_and_segment", lambda *a, **k: ({"bright": mask}, {"labels": ["bright"]}))
     return mask
