@@ -141,8 +141,9 @@ def test_segment_report_names_the_runtime_as_models_shows_it(sample_run, capsys)
     assert RUNTIME_KEYS <= set(info), sorted(info)
     planned = models_runtime(capsys)
     assert info["cpu"] == planned["cpu"] and info["cpu"]["isa_flags"] and info["cpu"]["model"]
-    assert (info["device"], info["runtime"], info["threads"]) == (planned["device"], planned["runtime"],
-                                                                  planned["threads"]), (info, planned)
+    assert (info["device"], info["runtime"]) == (planned["device"], planned["runtime"]), (info, planned)
+    if info["threads"] != planned["threads"]:  # the automatic count follows the load, which moved between the runs
+        assert all("load average" in r["threads_reason"] for r in (info, planned)), (info, planned)
     if info["precision"] != planned["precision"]:  # a planned bf16 that failed its check runs fp32, and says so
         assert (planned["precision"], info["precision"]) == ("bf16", "fp32") and "failed its check" in info["reason"]
 
