@@ -36,7 +36,7 @@ from .adapters import LoraSettings, OrganAdapter
 from .localizer import LocalizerState
 from .store_files import (  # noqa: F401  (the folder's files without torch; public here)
     ADAPTER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PathLike, _leftovers, _pid_alive, check_adapter_files,
-    check_output_dir, is_adapter_dir, read_manifest, recover, safe_name)
+    check_output_dir, is_adapter_dir, read_manifest, recover, safe_name, verified_weights_file)
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +137,7 @@ def _read_tensors(folder: Path, manifest: Dict) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = folder / ADAPTER_FILE
-    if not file.is_file():
-        raise InputError(f"{file}: missing (the adapter folder is incomplete)")
-    files = manifest["files"] if isinstance(manifest["files"], dict) else {}
-    expected = (files.get(ADAPTER_FILE) or {}).get("sha256")
-    actual = file_sha256(file)
-    if expected != actual:
-        raise InputError(f"{file}: corrupt or truncated adapter weights: sha256 {actual}, the manifest records "
-                         f"{expected}")
+    file = verified_weights_file(folder, manifest)
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -148,15 +148,7 @@ def check_adapter_files(path) -> Path:
     returns the folder. Tensors of a dtype numpy cannot hold are left to the loader."""
     folder = recover(path)
     manifest = read_manifest(folder)
-    file = folder / ADAPTER_FILE
-    if not file.is_file():
-        raise InputError(f"{file}: missing (the adapter folder is incomplete)")
-    files = manifest["files"] if isinstance(manifest["files"], dict) else {}
-    expected = (files.get(ADAPTER_FILE) or {}).get("sha256")
-    actual = file_sha256(file)
-    if expected != actual:
-        raise InputError(f"{file}: corrupt or truncated adapter weights: sha256 {actual}, the manifest records "
-                         f"{expected}")
+    file = verified_weights_file(folder, manifest)
     _check_finite_numpy(file)
     return folder
 
@@ -182,3 +174,18 @@ def _check_finite_numpy(file: Path) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable: the loader reports it with torch's words
         log.debug("numpy pre-check of %s skipped: %s", file, exc)
+
+
+def verified_weights_file(folder: Path, manifest: Dict) -> Path:
+    """The adapter's weights file in ``folder``, present and matching the manifest's sha256 (InputError
+    naming the file otherwise)."""
+    file = folder / ADAPTER_FILE
+    if not file.is_file():
+        raise InputError(f"{file}: missing (the adapter folder is incomplete)")
+    files = manifest["files"] if isinstance(manifest["files"], dict) else {}
+    expected = (files.get(ADAPTER_FILE) or {}).get("sha256")
+    actual = file_sha256(file)
+    if expected != actual:
+        raise InputError(f"{file}: corrupt or truncated adapter weights: sha256 {actual}, the manifest records "
+                         f"{expected}")
+    return file
