@@ -636,6 +636,9 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             mrml_prompts.store_prompts(segmentationNode, segmentId, text)
             interaction.mark_written(segmentId, set(masks))
             entry.accepted -= set(masks)  # prompted again: the slice's pin was replaced by its prompts
+            accepted = mrml_prompts.accepted_slices(segmentationNode, segmentId)
+            if accepted & set(masks):
+                mrml_prompts.set_accepted_slices(segmentationNode, segmentId, accepted - set(masks))
             return sorted(masks)
 
         return self._start(MedFMJob(f"{len(prompts)} prompt(s)", work, apply, nodes=[segmentationNode]), wait)
@@ -643,7 +646,9 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def acceptSlice(self, volumeNode, segmentationNode, segmentId, axis, index, wait=True):
         """Take the segment's current content on one slice as the corrected slice (``PromptSession.set_slice_mask``).
 
-        Re-propagation then starts from that slice. Returns the slice key.
+        Re-propagation then starts from that slice. The slice is listed in the segment's
+        ``MedFM.AcceptedSlices`` tag, so it stays pinned after working on another segment and in a saved
+        scene. Returns the slice key.
         """
         from MedFMSegmentLib import mrml_prompts
         segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
@@ -663,16 +668,35 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             entry.accepted.add((axis, index))
             return axis, index
 
-        return self._start(MedFMJob(f"Accept {axis} slice {index}", work, lambda key: key,
-                                    nodes=[segmentationNode]), wait)
+        def apply(key):
+            mrml_prompts.set_accepted_slices(segmentationNode, segmentId,
+                                             mrml_prompts.accepted_slices(segmentationNode, segmentId) | {key})
+            return key
+
+        return self._start(MedFMJob(f"Accept {axis} slice {index}", work, apply, nodes=[segmentationNode]), wait)
 
     @staticmethod
     def _acceptedMasks(entry, segmentationNode, segmentName, ijk_to_ras, shape):
-        """{(axis, index): the segment's current content} of the slices the user accepted (main thread)."""
-        from MedFMSegmentLib import mrml_prompts
+        """{(axis, index): the segment's current content} of the slices the user accepted (main thread).
+
+        The segment's ``MedFM.AcceptedSlices`` tag is the list (the session's own set is lost when the user
+        works on another segment; the Segment Editor's undo restores the tag with the voxels). A listed slice
+        outside this volume is skipped with a warning.
+        """
+        from MedFMSegmentLib import geometry, mrml_prompts
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName.strip())
-        return {key: mrml_prompts.slice_mask_from_segment(segmentationNode, segmentId, ijk_to_ras, shape, *key)
-                for key in entry.accepted} if segmentId else {}
+        if not segmentId:
+            return {}
+        masks = {}
+        for axis, index in sorted(mrml_prompts.accepted_slices(segmentationNode, segmentId)):
+            if index >= geometry.num_slices(shape, axis):
+                logging.warning("segment %r: accepted %s slice %d is outside this volume (%d slices); skipped",
+                                segmentName, axis, index, geometry.num_slices(shape, axis))
+                continue
+            masks[(axis, index)] = mrml_prompts.slice_mask_from_segment(segmentationNode, segmentId, ijk_to_ras,
+                                                                        shape, axis, index)
+        entry.accepted = set(masks)
+        return masks
 
     def nextReviewSlice(self, volumeNode, visited=()):
         """(axis, index, confidence) of the least confident slice of the last propagation not in ``visited``."""

@@ -46,8 +46,9 @@ from .mrml_labelmaps import (_apply_box, _binary_labelmap_name, _box_slices, _ch
                              _segment_names, _source_representation, _write_lattice, ensure_segmentation_converters)
 from .mrml_markups import (_FALSE_WORDS, POSITIVE_ATTRIBUTE, _node_is_positive, markups_to_points_ras,  # noqa: F401
                            roi_corners_world, roi_to_box_ijk, roi_to_corners_ras)
-from .mrml_prompts import (ADAPTER_TAG, PromptMarkers, segment_adapter, segment_tag, set_segment_adapter,  # noqa: F401
-                           set_segment_tag, slice_mask_from_segment, store_prompts, stored_prompts, write_slices)
+from .mrml_prompts import (ACCEPTED_TAG, ADAPTER_TAG, PromptMarkers, accepted_slices, segment_adapter,  # noqa: F401
+                           segment_tag, set_accepted_slices, set_segment_adapter, set_segment_tag,
+                           slice_mask_from_segment, store_prompts, stored_prompts, write_slices)
 from .mrml_segments import (MODES, SegmentUndoState, _check_color, _check_mask, _combine, _prepare_segment,  # noqa: F401
                             _reference_geometry_parameter, _resolve_overwrite, _restore, _SegmentChange,
                             _set_reference_geometry, _take_voxels, labelmap_from_node, restore_segment,

@@ -1,7 +1,9 @@
 """MRML layer, the effect's prompts in the scene: segment tags, prompt markers and slice writes.
 
 - Segment tags (saved with the segmentation, restored by the Segment Editor's undo / redo): the prompt
-  list of a segment (:data:`interaction.PROMPTS_TAG`) and the organ adapter of a segment (:data:`ADAPTER_TAG`).
+  list of a segment (:data:`interaction.PROMPTS_TAG`), the organ adapter of a segment (:data:`ADAPTER_TAG`)
+  and the slices the user accepted as corrected (:data:`ACCEPTED_TAG`), so a pin outlives a switch to another
+  segment, a saved and reloaded scene and a new Slicer session.
 - :class:`PromptMarkers`: include points, exclude points and boxes as markups nodes; a marker the user
   drags or deletes is reported back as ``on_moved(prompt_id, point_ijk)`` / ``on_removed(prompt_id)``.
 - :func:`slice_mask_from_segment` (the slice a user accepts as corrected) and :func:`write_slices`
@@ -9,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -29,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Segment tag naming the adapter folder used for that segment (organ) by MedFM Segment.
 ADAPTER_TAG = "MedFM.Adapter"
+#: Segment tag listing the slices the user accepted as corrected: JSON ``[["axial", 12], ...]``.
+ACCEPTED_TAG = "MedFM.AcceptedSlices"
+_AXES = ("axial", "coronal", "sagittal")
 INCLUDE_COLOR = (0.2, 0.85, 0.2)
 EXCLUDE_COLOR = (0.95, 0.25, 0.2)
 BOX_COLOR = (1.0, 0.85, 0.1)
@@ -85,6 +91,32 @@ def stored_prompts(segmentation_node, segment_id: str) -> Optional[str]:
 
 def store_prompts(segmentation_node, segment_id: str, text: str) -> None:
     set_segment_tag(segmentation_node, segment_id, PROMPTS_TAG, text)
+
+
+def accepted_slices(segmentation_node, segment_id: str) -> set:
+    """{(axis, index)} the user accepted as corrected slices of this segment (empty if none).
+
+    A tag that cannot be read (edited by hand, another version) is ignored with a warning: the segment's
+    voxels are untouched, only the pins are lost.
+    """
+    text = segment_tag(segmentation_node, segment_id, ACCEPTED_TAG)
+    if not text:
+        return set()
+    try:
+        items = json.loads(text)
+        keys = {(str(axis), int(index)) for axis, index in items}
+        if any(axis not in _AXES or index < 0 for axis, index in keys):
+            raise ValueError("unknown axis or negative index")
+    except (ValueError, TypeError) as exc:
+        logger.warning("segment %r: ignoring its unreadable %s tag %r (%s)", segment_id, ACCEPTED_TAG, text[:80], exc)
+        return set()
+    return keys
+
+
+def set_accepted_slices(segmentation_node, segment_id: str, keys: Iterable[Tuple[str, int]]) -> None:
+    """Store the accepted slices ``{(axis, index)}`` of a segment (an empty set removes the tag)."""
+    keys = sorted((str(axis), int(index)) for axis, index in keys)
+    set_segment_tag(segmentation_node, segment_id, ACCEPTED_TAG, json.dumps(keys) if keys else None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -664,3 +664,53 @@ def test_start_training_runs_the_trainer_and_cancel_writes_nothing(glue, tmp_pat
         assert not out.exists(), "a cancelled training writes no adapter"
     run.cleanup()
     assert not Path(run.workdir).exists()
+
+
+def test_accepted_slices_outlive_another_segment_and_a_saved_file(segment_module, tmp_path):
+    """The accepted slices live in the segment's tag: working on another segment (which resets the prompt
+    session) and saving + reloading the segmentation keep them; propagation still keeps them exactly."""
+    seg, scene = segment_module
+    from MedFMSegmentLib import mrml, mrml_prompts
+    from MedFMSegmentLib.interaction import Interaction
+
+    volume, truth, segmentation, ijk_to_ras, shape, _ = _ellipsoid_scene(seg, scene, np.s_[0, :1, :1])
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "Blob")
+    other = segmentation.GetSegmentation().AddEmptySegment("", "Second")
+    logic = seg.MedFMSegmentLogic()
+    it = Interaction()
+    it.select(sid)
+    k = 1
+    ys, xs = np.nonzero(truth[k])
+    it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
+    logic.applyPrompts(volume, segmentation, sid, it)
+    painted = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    painted[2] = 0
+    painted[2, 10:20, 10:30] = 1  # a square no model draws
+    mrml.write_mask_to_segment(segmentation, "Blob", painted, ijk_to_ras, volume)
+    logic.acceptSlice(volume, segmentation, sid, "axial", 2)
+    assert mrml_prompts.accepted_slices(segmentation, sid) == {("axial", 2)}
+
+    it.select(other)  # the user works on another segment: the session now holds that segment's prompts
+    it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
+    logic.applyPrompts(volume, segmentation, other, it)
+    entry = logic._sessions[next(iter(logic._sessions))]
+    assert entry.accepted == set(), "the session forgot Blob's pin when it moved to the other segment"
+
+    path = tmp_path / "blob.seg.nrrd"
+    mrml.save_node(segmentation, str(path))
+    reloaded = mrml.load_segmentation(scene, str(path))
+    rid = reloaded.GetSegmentation().GetSegmentIdBySegmentName("Blob")
+    assert mrml_prompts.accepted_slices(reloaded, rid) == {("axial", 2)}, "the tag is saved with the file"
+
+    it.select(sid)
+    logic.applyPrompts(volume, segmentation, sid, it)  # back on Blob: its prompt list is replayed
+    logic.propagate(volume, segmentation, "Blob", axis="axial")
+    result = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    np.testing.assert_array_equal(result[2], painted[2])
+    assert entry.session.pinned_slices() == [("axial", 2)]
+
+    mrml_prompts.set_segment_tag(segmentation, sid, mrml_prompts.ACCEPTED_TAG, "not json")
+    assert mrml_prompts.accepted_slices(segmentation, sid) == set(), "an unreadable tag is ignored, not fatal"
+    mrml_prompts.set_accepted_slices(segmentation, sid, [("axial", 99)])  # outside this 3-slice volume
+    logic.propagate(volume, segmentation, "Blob", axis="axial")  # skipped with a warning
+    logic.shutdown()
