@@ -95,6 +95,11 @@ def slice_pixel_spacing(ijk_to_ras_matrix, axis: str) -> Tuple[float, float]:
     return float(s[cy]), float(s[cx])
 
 
+def slice_spacing(ijk_to_ras_matrix, axis: str) -> float:
+    """Distance in mm from one slice along ``axis`` to the next (the voxel size along its normal index)."""
+    return float(spacing(ijk_to_ras_matrix)[_AXIS_TABLE[check_axis(axis)][1]])
+
+
 def num_slices(shape_kji: Sequence[int], axis: str) -> int:
     return int(shape_kji[array_axis(axis)])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -78,6 +79,23 @@ def rect_on_every_slice(session, array, lo, hi, ct: bool):
     return ref * inside, med * inside
 
 
+def roi_part(row, session, array, gt, roi_ijk, lo, hi, tight_lo, tight_hi, ct: bool):
+    """The ROI mode and its baselines (``roi``, its variants, the rectangles, the ellipsoids) into ``row``."""
+    shape = gt.shape
+    t = time.perf_counter()
+    r = segment_roi(session, roi_ijk, axis="axial")
+    row["roi"] = round(D.dice(r.mask, gt), 3)
+    row["roi_seconds"] = round(time.perf_counter() - t, 1)
+    row["roi_stopped"] = r.stopped
+    for variant, cfg in ROI_VARIANTS.items():
+        row[variant] = round(D.dice(segment_roi(session, roi_ijk, axis="axial", config=cfg).mask, gt), 3)
+    ref, med = rect_on_every_slice(session, array, lo, hi, ct)
+    row["reference_roi_rect"] = round(D.dice(ref, gt), 3)
+    row["medfm_roi_rect"] = round(D.dice(med, gt), 3)
+    row["ellipsoid_roi"] = round(D.dice(D.ellipsoid_in_box(shape, lo, hi), gt), 3)
+    row["ellipsoid_tight"] = round(D.dice(D.ellipsoid_in_box(shape, tight_lo, tight_hi), gt), 3)
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     vols, structs = D.volumes(), D.structures()
@@ -110,18 +128,8 @@ def run(args) -> dict:
             lo, hi = (st.slab[0],) + lo[1:], (st.slab[1],) + hi[1:]
         row = {"dataset": st.dataset, "slices": int(k1 - k0 + 1), "preset": session.preset}
         roi_ijk = ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0]))
-        t = time.perf_counter()
-        r = segment_roi(session, roi_ijk, axis="axial")
-        row["roi"] = round(D.dice(r.mask, gt), 3)
-        row["roi_seconds"] = round(time.perf_counter() - t, 1)
-        row["roi_stopped"] = r.stopped
-        for variant, cfg in ROI_VARIANTS.items():
-            row[variant] = round(D.dice(segment_roi(session, roi_ijk, axis="axial", config=cfg).mask, gt), 3)
-        ref, med = rect_on_every_slice(session, array, lo, hi, st.modality == "ct")
-        row["reference_roi_rect"] = round(D.dice(ref, gt), 3)
-        row["medfm_roi_rect"] = round(D.dice(med, gt), 3)
-        row["ellipsoid_roi"] = round(D.dice(D.ellipsoid_in_box(shape, lo, hi), gt), 3)
-        row["ellipsoid_tight"] = round(D.dice(D.ellipsoid_in_box(shape, (k0, j0, i0), (k1, j1, i1)), gt), 3)
+        if not args.no_roi:
+            roi_part(row, session, array, gt, roi_ijk, lo, hi, (k0, j0, i0), (k1, j1, i1), st.modality == "ct")
         if not args.no_prop:
             ks = np.nonzero(gt.any(axis=(1, 2)))[0]
             mid = int(ks[len(ks) // 2])
@@ -135,6 +143,7 @@ def run(args) -> dict:
             p = propagate(session, axis="axial", limits=limits)
             row["box_prop"] = round(D.dice(p.mask, gt), 3)
             row["box_prop_seconds"] = round(time.perf_counter() - t, 1)
+            row["load_average"] = [round(v, 1) for v in os.getloadavg()]
             visited = sorted(set(p.scores) | {mid})
             row["box_prop_slices_visited"] = [visited[0], visited[-1]]
             row["true_extent"] = [int(ks[0]), int(ks[-1])]
@@ -180,6 +189,7 @@ def main(argv=None):
     p.add_argument("--preset-ct", default=None)
     p.add_argument("--preset-mr", default=None)
     p.add_argument("--no-prop", action="store_true", help="skip one box + propagation")
+    p.add_argument("--no-roi", action="store_true", help="skip the ROI mode and its baselines")
     p.add_argument("--prop-margin", type=int, default=6, help="propagation limits: true extent +- this")
     p.add_argument("--resume-file", default="/tmp/bench_i9/bench3d.json")
     p.add_argument("--out")
