@@ -226,6 +226,15 @@ def confidence_study(records, cfg):
         c = PropagationConfig(confidence_weights=weights)
         vals = [confidence_of(r["signals"], c) if r["signals"] else r["confidence"] for r in rows]
         out[name] = spearman(vals, [r["dice"] for r in rows])
+    for tau in (5.0, 20.0):  # the distance decay's length, the configured weights
+        c = PropagationConfig(confidence_decay_slices=tau)
+        vals = [confidence_of(r["signals"], c) if r["signals"] else r["confidence"] for r in rows]
+        out[f"decay_{tau:g}"] = spearman(vals, [r["dice"] for r in rows])
+    # the weakest signal instead of the mean (one failing signal is enough to doubt a slice)
+    vals = [(min(r["signals"].get(k, 1.0) for k in ("iou", "jitter", "agree"))
+             * float(np.exp(-r["signals"].get("distance", 0.0) / 10.0))
+             if r["signals"] and "border" not in r["signals"] else r["confidence"]) for r in rows]
+    out["min_signal"] = spearman(vals, [r["dice"] for r in rows])
     return out
 
 
