@@ -54,7 +54,8 @@ class Trunk:
 
     @staticmethod
     def cat(parts: List["Trunk"]) -> "Trunk":
-        return Trunk(*(torch.cat([getattr(p, f) for p in parts]) for f in ("queries", "query_pe", "k", "v", "upscaled")))
+        names = ("queries", "query_pe", "k", "v", "upscaled")
+        return Trunk(*(torch.cat([getattr(p, f) for p in parts]) for f in names))
 
 
 def head_parameters(model, name: str) -> List[torch.nn.Parameter]:

@@ -78,8 +78,9 @@ class OnlineConfig:
                 raise InputError(f"online adaptation: {name} must be a positive integer, got {v!r}")
         if self.method not in ("head", "decoder"):
             raise InputError(f"online adaptation: method must be 'head' or 'decoder', got {self.method!r}")
-        if isinstance(self.jittered_boxes, bool) or not isinstance(self.jittered_boxes, int) or self.jittered_boxes < 0:
-            raise InputError(f"online adaptation: jittered_boxes must be a non-negative integer, got {self.jittered_boxes!r}")
+        j = self.jittered_boxes
+        if isinstance(j, bool) or not isinstance(j, int) or j < 0:
+            raise InputError(f"online adaptation: jittered_boxes must be a non-negative integer, got {j!r}")
         if not isinstance(self.lr, (int, float)) or not np.isfinite(self.lr) or self.lr <= 0:
             raise InputError(f"online adaptation: lr must be a positive number, got {self.lr!r}")
 
