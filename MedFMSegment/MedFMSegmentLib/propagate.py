@@ -106,9 +106,11 @@ def _dice2(a: np.ndarray, b: np.ndarray) -> float:
 class _Runner:
     """Model runs of one propagation call: window reuse (cached embeddings), signals, bookkeeping."""
 
-    def __init__(self, session, axis, cfg, result, crops, tick, should_stop):
+    def __init__(self, session, axis, cfg, result, crops, tick, should_stop, decodes=None, adapter_id=None):
         self.session, self.axis, self.cfg, self.result = session, axis, cfg, result
         self.crops, self.tick, self.should_stop = crops, tick, should_stop
+        self.decodes = decodes or {}  # the previous result's decodes (re-propagation)
+        self.decode_tag = (adapter_id, repr(session.config))
         self.shape_yx = geometry.slice_shape(session.shape, axis)
         sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
         self.spacing_mm = geometry.slice_spacing(session.ijk_to_ras, axis)
@@ -146,17 +148,28 @@ class _Runner:
         self.last_crop = crop
         s._offer_window(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
         before = s.cache.misses
-        logits, score, mask = s.predict(self.axis, index, box, crop=crop)
+        logits, score, mask = self.decode(index, box, crop)
         self.result.encoded += s.cache.misses - before
         self.crops[index] = crop
         j = self.cfg.jitter_px
         jbox = _grow_box(box, self.shape_yx, j, j)
         jitter = 1.0
         if j > 0 and s._crop_fits(self.axis, crop, jbox):
-            _, _, jmask = s.predict(self.axis, index, jbox, crop=crop)  # same window: decoder only
+            _, _, jmask = self.decode(index, jbox, crop)  # same window: decoder only
             jitter = _dice2(keep_components_touching(jmask, mask > 0) if mask.any() else jmask, mask)
         self.result.recomputed.append(index)
         return logits, score, mask, jitter
+
+    def decode(self, index, box, crop):
+        """``session.predict`` of a box through a window, or the same prompt's result from the previous call
+        (the decoder is deterministic on a cached embedding: the result is identical)."""
+        key = (self.session._key(self.axis, index, crop), tuple(float(v) for v in box), self.decode_tag)
+        out = self.result.decodes.get(key) or self.decodes.get(key)
+        if out is None:
+            out = self.session.predict(self.axis, index, box, crop=crop)
+            self.result.decoded += 1
+        self.result.decodes[key] = out
+        return out
 
     def accept(self, index, mask, signals):
         geometry.set_slice(self.result.mask, self.axis, index, mask)
@@ -464,6 +477,9 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
                 if i in kept.scores:
                     result.scores[i] = kept.scores[i]
             result.jobs[sig] = (first, last)
+            for key, out in kept.decodes.items():  # a later call may recompute these slices: keep their decodes
+                if first <= key[0][5] <= last:
+                    result.decodes[key] = out
             continue
         if previous is not None and not isinstance(previous, VolumeResult):
             clear(*cover)  # the corrected seed's own range is recomputed; the rest is kept
@@ -478,7 +494,8 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
         if progress is not None:
             progress(min(done[0] / total, 1.0), f"{axis} slice {index}")
 
-    run = _Runner(session, axis, cfg, result, result.crops, tick, should_stop)
+    run = _Runner(session, axis, cfg, result, result.crops, tick, should_stop,
+                  decodes=kept.decodes if kept is not None else None, adapter_id=adapter_id)
     for s in seeds:
         if empty[s] and (s not in pinned or len(fixed) == 1):
             result.stopped[f"{s}"] = "seed mask is empty"

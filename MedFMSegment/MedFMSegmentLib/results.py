@@ -34,3 +34,7 @@ class VolumeResult:
     recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
     crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
     jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice
+    decoded: int = 0  # decoder runs of this call (the rest were the same prompt as before: see ``decodes``)
+    # (embedding key, box, adapter, session config) -> (logits, score, mask) of the decodes this call used:
+    # a re-propagation (``previous=``) asks the decoder again only for a prompt it has not seen
+    decodes: Dict[tuple, tuple] = field(default_factory=dict, repr=False)

@@ -312,6 +312,16 @@ class PromptSession:
             self._futures.pop(key, None)
             self._ahead.discard(key)
 
+    def wait_prefetch(self, timeout: Optional[float] = None) -> None:
+        """Wait until the background encodes queued so far are done (cancelled ones count as done)."""
+        with self._futures_lock:
+            futures = list(self._futures.values())
+        for fut in futures:
+            try:
+                fut.result(timeout=timeout)
+            except Exception:  # cancelled or failed: the foreground encodes it when it is needed
+                log.debug("background encode ended without a result", exc_info=True)
+
     def cancel_prefetch(self) -> None:
         """Cancel queued encodes (one already running finishes and is cached)."""
         with self._futures_lock:  # Future.cancel runs done-callbacks, which take this lock: cancel outside it

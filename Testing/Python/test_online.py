@@ -70,3 +70,52 @@ def test_online_adapter_changes_its_segment_only(colin27_session, colin27_aal, t
         for a in [v for v in locals().values() if hasattr(v, "detach") and hasattr(v, "peft_name")]:
             a.detach(s.model)
         s.reset()
+
+
+def test_head_features_reproduce_the_whole_decoder(colin27_session, colin27_aal):
+    """The frozen trunk + the trained head compute what the whole decoder computes (real cached embeddings)."""
+    import torch
+
+    from MedFMTrainLib import adapters as A
+    from MedFMTrainLib import head_train
+
+    s = colin27_session
+    thal = (colin27_aal == THALAMUS_L).astype(np.uint8)
+    k = 80
+    box = padded_box(thal[k], 4)
+    crop = s.crop_for("axial", box)
+    emb = s.embedding("axial", k, crop).clone()
+    boxes = torch.tensor(np.array([crop.box_to_model(box), crop.box_to_model(padded_box(thal[k], 1))]), dtype=torch.float32)
+    embs = torch.cat([emb, emb])
+    with torch.no_grad():
+        want, want_iou = A.decode_batch(s.model, embs, boxes)
+        got, got_iou = head_train.head_logits(s.model, head_train.trunk(s.model, embs, boxes))
+    # fp16-stored keys / values / upscaled features: logits agree to fp16 rounding, the masks almost bitwise
+    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
+    assert float((got_iou - want_iou).abs().max()) < 1e-4
+    agree = ((got > 0) == (want > 0)).float().mean()
+    assert float(agree) > 0.999
+
+
+def test_head_adaptation_trains_only_the_head_and_fits_the_corrections(colin27_session, colin27_aal):
+    from MedFMTrainLib import head_train, online
+
+    s = colin27_session
+    thal = (colin27_aal == THALAMUS_L).astype(np.uint8)
+    k = 80
+    s.reset()
+    s.adapter = None
+    for i in (k - 2, k + 2):
+        s.predict("axial", i, padded_box(thal[i], 4))
+        s.set_slice_mask("axial", i, thal[i])
+    try:
+        adapter = online.adapt_from_corrections(s, "axial", organ="Thalamus_L", config=online.OnlineConfig(steps=8))
+        m = adapter.manifest["online"]
+        assert m["metrics"]["method"] == "head" and m["metrics"]["pool"] == 2 * 5
+        assert m["metrics"]["train_dice_adapted"] >= m["metrics"]["train_dice_base"]
+        import re
+
+        trained = {n for n, t in adapter.tensors.items() if "lora_B" in n and float(t.abs().max()) > 0}
+        assert trained and all(re.fullmatch(head_train.HEAD_MODULES, n.rsplit(".lora_B", 1)[0]) for n in trained)
+    finally:
+        s.reset()

@@ -225,3 +225,38 @@ def test_empty_seed_mask_propagates_nothing(seeded, thalamus):
                        config=PropagationConfig())
     assert result.mask.sum() == 0 and result.stopped == {str(k): "seed mask is empty"}
     assert geometry.bbox_kji(result.mask) is None
+
+
+def test_repropagation_reuses_the_cached_embeddings(seeded, thalamus, base):
+    """After a correction, ``previous=`` recomputes only the slices next to it, each through the window
+    it was decoded in before: no slice is encoded again (the image encoder's calls are counted)."""
+    mask, k = thalamus
+    lim = (k - HALF, k + HALF)
+    first = propagate(seeded, axis="axial", limits=lim)
+    seeded.wait_prefetch()
+    calls = seeded.model.calls
+    seeded.set_slice_mask("axial", k + 1, mask[k + 1])
+    second = propagate(seeded, axis="axial", limits=lim, previous=first)
+    seeded.wait_prefetch()
+    assert seeded.model.calls == calls and second.encoded == 0
+    assert sorted(second.recomputed) == [k + 2]  # k-2..k-1 kept (same walk), k+1 is the correction
+    assert np.array_equal(second.mask[:k], first.mask[:k]) and np.array_equal(second.mask[k + 1], mask[k + 1])
+    assert all(second.crops[i] == first.crops[i] for i in second.recomputed)
+
+
+def test_repropagation_asks_the_decoder_only_for_new_prompts(seeded, thalamus, base):
+    """Accepting a slice as it is (the effect's A key) pins it: the walk from it asks for the same boxes
+    as before, which the previous result's decodes answer; the result is the one a fresh decode gives."""
+    import dataclasses
+
+    mask, k = thalamus
+    lim = (k - HALF, k + HALF)
+    first = propagate(seeded, axis="axial", limits=lim)
+    assert first.decoded > 0 and len(first.decodes) >= first.decoded
+    seeded.set_slice_mask("axial", k + 1, first.mask[k + 1])
+    second = propagate(seeded, axis="axial", limits=lim, previous=first)
+    assert sorted(second.recomputed) == [k + 2] and second.decoded == 0
+    fresh = propagate(seeded, axis="axial", limits=lim, previous=dataclasses.replace(first, decodes={}))
+    assert fresh.decoded > 0
+    assert np.array_equal(fresh.mask, second.mask) and fresh.signals == second.signals
+    assert np.array_equal(second.mask, first.mask)

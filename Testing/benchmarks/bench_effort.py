@@ -1,6 +1,13 @@
 """The user's effort to a correct 3D segmentation: MedFM's correction loop against Fill between slices.
 
     python Testing/benchmarks/bench_effort.py [--structures ...] [--corrections 10] [--adapt] [--out FILE]
+    python Testing/benchmarks/bench_effort.py --part 1/2 --resume A.json     # structures 1, 3, 5, ... into A.json
+    python Testing/benchmarks/bench_effort.py --merge A.json B.json --out ALL.json   # one table from parts
+
+``--resume FILE``: structures already in FILE (same settings) are skipped, FILE is rewritten after every
+structure (a killed run loses at most the structure in progress). ``--part i/n`` runs every n-th structure
+of the list from the i-th, so n processes (``--threads 1`` each) share the list; ``--merge`` joins their
+files and recomputes the summary.
 
 Per structure (axial slicing), a simulated user:
 - draws one box (ground-truth box + 2 px) on the middle slice of the structure and propagates;
@@ -18,13 +25,16 @@ the combined confidence), and in the same run the baselines:
   effect) from n ground-truth slices, n = 2..12, evenly spaced over the extent incl. first and last;
 - ``fbs_same``: Fill between slices from exactly the slices each simulated user touched, per step;
 - ``ellipse``: the box's inscribed ellipse on every slice of the true extent (first step).
-Intermediate JSON goes to ``--tmp`` after every structure.
+Intermediate JSON goes to ``--tmp`` after every structure. Per step the record holds the re-propagation
+wall / CPU seconds, the load average, the slices recomputed and encoded, and with ``--adapt`` the
+adaptation's wall / CPU seconds and its manifest metrics.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -170,13 +180,18 @@ def run_user(session, gt, mode, args, adapt=None):
         session.set_slice_mask(AXIS, pick, gt[pick])
         if adapt is not None:
             t, c = time.perf_counter(), time.process_time()
-            session.adapter = adapt(session, vol)
+            old, session.adapter = session.adapter, adapt(session, vol)
             rec["adapt_seconds"].append(round(time.perf_counter() - t, 2))
             rec.setdefault("adapt_cpu_seconds", []).append(round(time.process_time() - c, 2))
+            online = getattr(session.adapter, "manifest", {}).get("online", {})
+            rec.setdefault("adapt_metrics", []).append(online.get("metrics"))
+            if old is not None and old is not session.adapter:
+                old.detach(session.model)  # its LoRA layers would stay in the shared decoder otherwise
         t, c = time.perf_counter(), time.process_time()
         vol = propagate(session, axis=AXIS, previous=vol)
         rec["repropagation_seconds"].append(round(time.perf_counter() - t, 2))
         rec.setdefault("repropagation_cpu_seconds", []).append(round(time.process_time() - c, 2))  # a loaded host
+        rec.setdefault("load_average", []).append(round(os.getloadavg()[0], 2))
         rec["recomputed"].append(len(vol.recomputed))
         rec["encoded"].append(vol.encoded)
         rec["touched"].append(pick)
@@ -185,6 +200,8 @@ def run_user(session, gt, mode, args, adapt=None):
         rec["review"] += review_rows(vol, gt, step)
         log.warning("%s step %d: corrected %d -> Dice %.3f (%.1f s, %d slices recomputed, %d encoded)", mode, step,
                     pick, rec["dice"][-1], rec["repropagation_seconds"][-1], len(vol.recomputed), vol.encoded)
+    if session.adapter is not None and hasattr(session.adapter, "detach"):
+        session.adapter.detach(session.model)
     session.adapter = None
     rec["slices_to_0.85"] = first_reaching(rec["dice"], 0.85)
     rec["slices_to_0.90"] = first_reaching(rec["dice"], 0.90)
@@ -209,7 +226,32 @@ def confidence_study(records, cfg):
         c = PropagationConfig(confidence_weights=weights)
         vals = [confidence_of(r["signals"], c) if r["signals"] else r["confidence"] for r in rows]
         out[name] = spearman(vals, [r["dice"] for r in rows])
+    for tau in (5.0, 20.0):  # the distance decay's length, the configured weights
+        c = PropagationConfig(confidence_decay_slices=tau)
+        vals = [confidence_of(r["signals"], c) if r["signals"] else r["confidence"] for r in rows]
+        out[f"decay_{tau:g}"] = spearman(vals, [r["dice"] for r in rows])
+    # the weakest signal instead of the mean (one failing signal is enough to doubt a slice)
+    vals = [(min(r["signals"].get(k, 1.0) for k in ("iou", "jitter", "agree"))
+             * float(np.exp(-r["signals"].get("distance", 0.0) / 10.0))
+             if r["signals"] and "border" not in r["signals"] else r["confidence"]) for r in rows]
+    out["min_signal"] = spearman(vals, [r["dice"] for r in rows])
     return out
+
+
+def settings(args) -> dict:
+    """What must agree between parts / a resumed file."""
+    return {"precision": args.precision, "corrections": args.corrections, "modes": list(args.modes),
+            "adapt": bool(args.adapt), "threads": args.threads}
+
+
+def part_of(names, part):
+    """``part`` "i/n": every n-th name from the i-th (1-based)."""
+    if not part:
+        return list(names)
+    i, n = (int(v) for v in part.split("/"))
+    if not 1 <= i <= n:
+        raise SystemExit(f"--part {part}: need 1 <= i <= n")
+    return [name for j, name in enumerate(names) if j % n == i - 1]
 
 
 def run(args) -> dict:
@@ -222,8 +264,18 @@ def run(args) -> dict:
 
         def adapt(session, vol):
             return online.adapt_from_corrections(session, AXIS, organ="bench", crops=vol.crops)
-    out = {"cpu": cpu_info(), "load_average": list(__import__("os").getloadavg()), "precision": args.precision, "corrections": args.corrections, "structures": {}}
-    for name in args.structures:
+    out = {"cpu": cpu_info(), "load_average": list(os.getloadavg()), "precision": args.precision,
+           "corrections": args.corrections, "settings": settings(args), "structures": {}}
+    if args.resume and Path(args.resume).is_file():
+        old = json.loads(Path(args.resume).read_text())
+        if old.get("settings") != settings(args):
+            raise SystemExit(f"--resume {args.resume}: its settings {old.get('settings')} differ from {settings(args)}")
+        out["structures"] = old["structures"]
+        log.warning("resuming %s: %s done", args.resume, sorted(out["structures"]))
+    modes = list(args.modes) + (["guided_adapt"] if args.adapt else [])
+    for name in part_of(args.structures, args.part):
+        if name in out["structures"]:
+            continue
         st = structs[name]
         if st.volume not in sessions:
             s = PromptSession(precision=args.precision)
@@ -244,16 +296,47 @@ def run(args) -> dict:
         e2 = D.ellipse_in_box(gt[mid].shape, D.padded_box(gt[mid], 2))
         ell[first:last + 1] = e2
         row["ellipse"] = round(D.dice(ell, gt), 4)
-        modes = list(args.modes) + (["guided_adapt"] if args.adapt else [])
         for mode in modes:
             t = time.perf_counter()
             row[mode] = run_user(session, gt, mode, args, adapt if mode == "guided_adapt" else None)
             row[mode]["seconds"] = round(time.perf_counter() - t, 1)
             row[mode]["confidence_spearman"] = confidence_study([row[mode]], PropagationConfig())
             log.warning("%s %s: Dice %s", name, mode, row[mode]["dice"])
+        row["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
         out["structures"][name] = row
         Path(args.tmp).mkdir(parents=True, exist_ok=True)
         (Path(args.tmp) / "bench_effort_partial.json").write_text(json.dumps(out, indent=1))
+        if args.resume:
+            write_atomic(Path(args.resume), out)
+    for session in sessions.values():
+        session.close()
+    out["summary"] = summarize(out, modes)
+    if args.resume:
+        write_atomic(Path(args.resume), out)
+    return out
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def merge(paths) -> dict:
+    """One result from part files of the same settings (a structure in several: the first file's)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    base = parts[0]
+    for p, part in zip(paths, parts):
+        if part.get("settings") != base.get("settings"):
+            raise SystemExit(f"--merge: {p} has settings {part.get('settings')}, {paths[0]} {base.get('settings')}")
+    out = {k: v for k, v in base.items() if k not in ("structures", "summary")}
+    out["load_average"] = {str(p): part.get("load_average") for p, part in zip(paths, parts)}
+    out["structures"] = {}
+    for part in parts:
+        for name, row in part["structures"].items():
+            out["structures"].setdefault(name, row)
+    st = base.get("settings", {})
+    modes = list(st.get("modes", ["guided", "oracle"])) + (["guided_adapt"] if st.get("adapt") else [])
     out["summary"] = summarize(out, modes)
     return out
 
@@ -280,8 +363,19 @@ def summarize(out, modes) -> dict:
             if recs else None,
             "confidence_spearman": confidence_study(recs, PropagationConfig()),
         }
+        rep = [v for rec in recs for v in rec["repropagation_seconds"]]
+        if rep:
+            first = [rec["repropagation_seconds"][0] for rec in recs if rec["repropagation_seconds"]]
+            summ[mode]["repropagation_seconds"] = {
+                "median": round(float(np.median(rep)), 2), "max": max(rep),
+                "first_correction_median": round(float(np.median(first)), 2),
+                "cpu_median": round(float(np.median([v for rec in recs
+                                                     for v in rec.get("repropagation_cpu_seconds", [])] or [0])), 2),
+                "encoded_per_step_mean": round(float(np.mean([v for rec in recs for v in rec["encoded"]])), 2)}
         if recs and recs[0]["adapt_seconds"]:
             summ[mode]["adapt_seconds_mean"] = round(float(np.mean([s for rec in recs for s in rec["adapt_seconds"]])), 2)
+            cpu = [v for rec in recs for v in rec.get("adapt_cpu_seconds", [])]
+            summ[mode]["adapt_cpu_seconds"] = {"median": round(float(np.median(cpu)), 2), "max": max(cpu)} if cpu else None
     if "guided" in modes and "oracle" in modes:
         pairs = [(r["guided"]["slices_to_0.90"], r["oracle"]["slices_to_0.90"]) for r in rows.values()
                  if "guided" in r and r["guided"]["slices_to_0.90"] and r["oracle"]["slices_to_0.90"]]
@@ -302,9 +396,12 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--tmp", default="/tmp/bench_i10")
     p.add_argument("--out", help="write the JSON here too")
+    p.add_argument("--resume", help="JSON file: skip the structures it holds, rewrite it after every structure")
+    p.add_argument("--part", help="i/n: run every n-th structure from the i-th (for n parallel processes)")
+    p.add_argument("--merge", nargs="+", help="merge these result files (no benchmark run)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    res = run(args)
+    res = merge(args.merge) if args.merge else run(args)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
@@ -312,5 +409,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: on this host a finished run aborted in it (glibc
+    "malloc_consolidate(): unaligned fastbin chunk detected", exit 134) after every result was written,
+    with and without the sessions closed (known problem, cause not found: OpenVINO / torch teardown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
