@@ -307,6 +307,7 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
     if compile and plan.runtime != "torch":
         log.warning("compile=True applies to the torch runtime only; ignored for %s", plan.runtime)
         compile = False
+    runtimes.limit_heap_fragmentation()  # the checkpoint's and the random init's tensors go back to the OS when freed
     state = load_state_dict_file(path, map_location="cpu")
     net = spec.builder()
     try:
@@ -318,6 +319,7 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    del state
     net.eval().requires_grad_(False).to(choice.device)
     net.image_encoder.to(memory_format=torch.channels_last)
     torch_precision = plan.precision if plan.runtime == "torch" else "fp32"
