@@ -80,11 +80,31 @@ def _image_to_tokens(attn, q_img, k_tokens, v_tokens):
     return p @ u + attn.out_proj.bias
 
 
+def _upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor, hh: int, ww: int):
+    """SAM's ``output_upscaling`` (ConvTranspose 2x2/2, LayerNorm2d, GELU, ConvTranspose 2x2/2, GELU) then the
+    product with the mask tokens' hypernetwork outputs, channels-last: a 2x2 stride-2 transposed convolution is
+    one matrix product per input pixel (its output pixel's 2x2 children side by side), so the image tokens
+    (B, HW, C) go through two matrix products, the layer norm over the last axis and the GELUs without any
+    spatial rearrangement; only the (B, M, 4H, 4W) masks are put in image order at the end."""
+    up1, norm, act1, up2, act2 = upscaling
+    b = keys.shape[0]
+    c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
+    w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.weight.shape[0], 4 * c1)  # (C, dy dx c1)
+    w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    x = (keys @ w1).reshape(b, -1, 4, c1) + up1.bias  # (B, HW, 4, c1): pixel (2y + dy, 2x + dx)
+    x = act1(torch.nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    x = act2((x.reshape(b, -1, c1) @ w2).reshape(b, -1, 4, c2) + up2.bias)  # (B, 4HW, 4, c2)
+    m = hyper_in.shape[1]
+    masks = (x @ hyper_in.transpose(1, 2).unsqueeze(1))  # (B, 4HW, 4, M)
+    masks = masks.reshape(b, hh, ww, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y dy dy2, x dx dx2
+    return masks.reshape(b, m, 4 * hh, 4 * ww)
+
+
 class FoldedDecoder(nn.Module):
     """(embedding (1, C, H, W), sparse prompt tokens (1, N, C)) -> (all masks (1, M, 4H, 4W), IoUs (1, M)),
     equal to SAM's ``MaskDecoder.predict_masks`` with the given ``image_pe`` and no mask input."""
 
-    GRAPH = "folded-1"  # in the export cache's identity: bump when the graph changes
+    GRAPH = "folded-2"  # in the export cache's identity: bump when the graph changes
 
     def __init__(self, mask_decoder: nn.Module, image_pe: torch.Tensor, no_mask_dense: torch.Tensor):
         super().__init__()
@@ -119,10 +139,7 @@ class FoldedDecoder(nn.Module):
                                                                 keys + pe, keys))
         iou_token_out = queries[:, 0, :]
         mask_tokens_out = queries[:, 1:(1 + md.num_mask_tokens), :]
-        upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(b, c, hh, ww))
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
                                dim=1)  # (B, M, c)
-        bu, cu, hu, wu = upscaled.shape  # channels last for the product (the layout the convolutions leave)
-        masks = (upscaled.permute(0, 2, 3, 1).reshape(bu, hu * wu, cu) @ hyper_in.transpose(1, 2))
-        masks = masks.transpose(1, 2).reshape(bu, -1, hu, wu)
+        masks = _upscaled_masks(md.output_upscaling, keys, hyper_in, hh, ww)
         return masks, md.iou_prediction_head(iou_token_out)
