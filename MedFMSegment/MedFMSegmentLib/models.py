@@ -160,7 +160,7 @@ class PromptableModel:
     _encoder: Optional[Callable] = field(default=None, repr=False)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
-    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, pe, sparse, dense) -> [masks, iou]
+    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse) -> [masks, iou], no mask input
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
 
     @property
@@ -228,9 +228,9 @@ class PromptableModel:
             points = (coords, labels)
         masks = mask_logits[None, None] if mask_logits is not None and mask_logits.dim() == 2 else mask_logits
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-        if fast and self._fast_decoder is not None and sparse.shape[1] > 0 and self._decoder_unmodified():
-            all_masks, all_iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(),
-                                                    dense.cpu().numpy())
+        if (fast and self._fast_decoder is not None and masks is None and sparse.shape[1] > 0
+                and self._decoder_unmodified()):  # the export has the no-mask dense embedding built in
+            all_masks, all_iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy())
             pick = slice(1, None) if multimask else slice(0, 1)
             return torch.from_numpy(all_masks[0, pick]), all_iou[0, pick].astype(np.float32)
         logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
@@ -307,6 +307,7 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
     if compile and plan.runtime != "torch":
         log.warning("compile=True applies to the torch runtime only; ignored for %s", plan.runtime)
         compile = False
+    runtimes.limit_heap_fragmentation()  # the checkpoint's and the random init's tensors go back to the OS when freed
     state = load_state_dict_file(path, map_location="cpu")
     net = spec.builder()
     try:
@@ -318,6 +319,7 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    del state
     net.eval().requires_grad_(False).to(choice.device)
     net.image_encoder.to(memory_format=torch.channels_last)
     torch_precision = plan.precision if plan.runtime == "torch" else "fp32"
@@ -355,17 +357,6 @@ class _EncoderInput(nn.Module):
 
     def forward(self, x):
         return self.encoder(x)
-
-
-class _DecoderCore(nn.Module):
-    """The mask decoder as exported: all four masks and IoUs (the caller picks single or multimask)."""
-
-    def __init__(self, mask_decoder: nn.Module):
-        super().__init__()
-        self.mask_decoder = mask_decoder
-
-    def forward(self, image_embeddings, image_pe, sparse, dense):
-        return self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
 
 
 def _probe_masks(model: PromptableModel, embedding: torch.Tensor, decoder=None) -> list:
@@ -482,6 +473,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
 
 def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
     from . import runtimes
+    from .decoder_export import FoldedDecoder
 
     pe, md = model.net.prompt_encoder, model.net.mask_decoder
     with torch.inference_mode():
@@ -491,22 +483,21 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
     compiled = {}
 
     def make_decoder(ov_model):
-        dense_pe_np = dense_pe.cpu().numpy()
-        return lambda emb, sp, de: ov_model(emb, dense_pe_np, sp, de)
+        return lambda emb, sp: ov_model(emb, sp)
 
     def as_decode(decoder):
         def run(emb, box):
             with torch.inference_mode():
-                sp, de = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
-            masks, iou = decoder(emb.numpy(), sp.numpy(), de.numpy())
+                sp, _ = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
+            masks, iou = decoder(emb.numpy(), sp.numpy())
             return torch.from_numpy(masks[0, :1]), iou
         return run
 
     def export(folder: Path) -> dict:
         reference, ref_masks = probe.reference, probe.logits
-        xml = runtimes.export_openvino(_DecoderCore(md), (reference, dense_pe, sparse, dense), folder,
-                                       input_shapes=[emb_shape, list(dense_pe.shape), [1, -1, sparse.shape[-1]],
-                                                     list(dense.shape)])
+        folded = FoldedDecoder(md, dense_pe, dense).eval()  # the same function, fewer operations (decoder_export)
+        xml = runtimes.export_openvino(folded, (reference, sparse), folder,
+                                       input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
         ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
         decoder = make_decoder(ov_model)
         masks = _probe_masks(model, reference, as_decode(decoder))
@@ -515,7 +506,8 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
         return {"check": {"max_abs_diff": diff, "agreement_dice": runtimes.mask_agreement(ref_masks, masks)}}
 
     entry, manifest, seconds = runtimes.cached_export(root, "decoder", {**identity, "precision": "fp32",
-                                                                       "embedding": emb_shape}, export)
+                                                                       "embedding": emb_shape,
+                                                                       "graph": FoldedDecoder.GRAPH}, export)
     check = manifest.get("check", {})
     info.setdefault("exports", {})["decoder"] = {"cache": str(entry), "export_seconds": round(seconds, 2),
                                                  "cached": seconds == 0.0, "check": check}

@@ -140,13 +140,13 @@ class _Runner:
         """(logits, score, mask, jitter Dice) on a slice; the slice's earlier window is reused if the box fits."""
         s = self.session
         crop = self.crops.get(index)
-        if crop is None or not s._crop_fits(self.axis, crop, box):
+        if crop is None or not s.window_fits(self.axis, crop, box):
             # the previous slice's window while the object fits in it: the slice ahead, encoded in the
             # background in that window, is then the one this walk asks for next
             last = self.last_crop
-            crop = last if last is not None and s._crop_fits(self.axis, last, box) else s.crop_for(self.axis, box, index)
+            crop = last if last is not None and s.window_fits(self.axis, last, box) else s.crop_for(self.axis, box, index)
         self.last_crop = crop
-        s._offer_window(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
+        s.look_ahead(self.axis, index, crop, walking=True)  # encode the next slice ahead in this window
         before = s.cache.misses
         logits, score, mask = self.decode(index, box, crop)
         self.result.encoded += s.cache.misses - before
@@ -154,7 +154,7 @@ class _Runner:
         j = self.cfg.jitter_px
         jbox = _grow_box(box, self.shape_yx, j, j)
         jitter = 1.0
-        if j > 0 and s._crop_fits(self.axis, crop, jbox):
+        if j > 0 and s.window_fits(self.axis, crop, jbox):
             _, _, jmask = self.decode(index, jbox, crop)  # same window: decoder only
             jitter = _dice2(keep_components_touching(jmask, mask > 0) if mask.any() else jmask, mask)
         self.result.recomputed.append(index)

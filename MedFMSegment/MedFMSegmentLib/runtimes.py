@@ -394,12 +394,17 @@ def export_openvino(module, example_inputs: tuple, folder: Path, input_shapes: O
     import torch
 
     with _no_telemetry(), torch.inference_mode():
-        kwargs = {"example_input": example_inputs if len(example_inputs) > 1 else example_inputs[0]}
+        example = example_inputs if len(example_inputs) > 1 else example_inputs[0]
+        kwargs = {"example_input": example}
         if input_shapes is not None:
             kwargs["input"] = [(shape, ov.Type.f32) for shape in input_shapes]
         with warnings.catch_warnings():  # torch.jit's Tracer/Future warnings about the model's own code:
             warnings.simplefilter("ignore")  # noise on the user's terminal, the probe check is what counts
-            model = ov.convert_model(module, **kwargs)
+            # traced once here, without torch's trace check (two more forward passes): convert_model given the
+            # module traces it itself with the check, 3 passes; measured 52 s -> 17 s for the encoder (2 cores,
+            # load 4). The export is checked against torch on the probe image anyway.
+            traced = torch.jit.trace(module, example, check_trace=False)
+            model = ov.convert_model(traced, **kwargs)
     xml = Path(folder) / "model.xml"
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
@@ -420,9 +425,9 @@ class OpenVINOModel:
         self._lock = threading.Lock()
 
     def __call__(self, *arrays: np.ndarray) -> List[np.ndarray]:
-        inputs = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
-        with self._lock:
-            outputs = self._request.infer(inputs)
+        inputs = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]  # no copy if already so
+        with self._lock:  # share_inputs: OpenVINO reads the arrays in place (no second copy)
+            outputs = self._request.infer(inputs, share_inputs=True)
             return [np.array(outputs[o], dtype=np.float32, copy=True) for o in self._compiled.outputs]
 
 

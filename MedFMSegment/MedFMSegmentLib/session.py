@@ -6,6 +6,7 @@ session.set_volume(array_kji, ijk_to_ras)                  # returns at once (no
 r = session.add_box("axial", 57, (x0, y0, x1, y1))          # -> SliceResult(mask, score)
 r = session.add_point(ijk=(i, j, k), positive=False, axis="axial")   # refine the same slice
 session.undo(); session.reset()
+session.look_ahead("axial", 58, crop)  # a walk through a window: encode the next slices ahead (see propagate)
 ```
 
 Encoding a slice is the expensive step: embeddings are cached per (volume, axis, index, crop) in an
@@ -66,7 +67,7 @@ class SessionConfig:
     click_touch_penalty: float = 1.0
     click_size_penalty: float = 0.05
     # A slice prompted or propagated through a window offers that window to its neighbours: a
-    # neighbour's box that fits it (see _crop_fits) is encoded through the same window, so the
+    # neighbour's box that fits it (see window_fits) is encoded through the same window, so the
     # neighbour can be encoded ahead, before its box is known. The windows do not depend on
     # encode_ahead: masks are identical with and without encoding ahead.
     reuse_window: bool = True
@@ -208,9 +209,10 @@ class PromptSession:
             crop = replace(crop, preset=self.preset_for(axis, index, box_xy) if index is not None else CT_PER_BOX_PRIMARY)
         return crop
 
-    def _crop_fits(self, axis: str, crop: Crop, box_xy: BoxXY) -> bool:
-        """Can a later prompt on a slice reuse its window (decoder only)? Yes while the box stays
-        inside it and is not much smaller than the box the window was made for."""
+    def window_fits(self, axis: str, crop: Crop, box_xy: BoxXY) -> bool:
+        """Can a box on a slice of ``axis`` be seen through ``crop``, a window already used (so its cached
+        embedding serves: decoder only)? Yes while the box stays inside it and is not much smaller than
+        the box the window was made for. Part of the look-ahead API (see ``look_ahead``)."""
         x0, y0, x1, y1 = crop.box_to_model(box_xy)
         size = crop.size
         side = max(x1 - x0, y1 - y0)
@@ -255,13 +257,24 @@ class PromptSession:
     def _window(self, axis: str, index: int, box_xy: BoxXY) -> Crop:
         """The window for a new slice: the one its neighbour offered if the box fits in it."""
         offered = self._windows.get((axis, index)) if self.config.reuse_window else None
-        if offered is not None and self._crop_fits(axis, offered, box_xy):
+        if offered is not None and self.window_fits(axis, offered, box_xy):
             return offered
         return self.crop_for(axis, box_xy, index)
 
-    def _offer_window(self, axis: str, index: int, crop: Crop, walking: bool) -> None:
-        """Offer ``crop`` to the neighbours of slice ``index`` and encode them ahead: when ``walking``
-        (propagation), the next slice(s) in the direction of the walk, else both neighbours."""
+    def look_ahead(self, axis: str, index: int, crop: Crop, walking: bool = True) -> None:
+        """Slice ``index`` of ``axis`` is being segmented through ``crop``: offer that window to its
+        neighbours and encode them ahead in the background (``SessionConfig.encode_ahead`` slices).
+
+        ``walking`` (a propagation walking slice by slice): the slice(s) after ``index`` in the direction
+        of the walk (from the slice last looked ahead from), else both neighbours (encoded only with
+        ``SessionConfig.encode_neighbours``). A neighbour whose box fits the offered window
+        (``window_fits``) is then encoded through it, so the work done ahead is the work it needs. Masks
+        do not depend on it (the windows are the same with and without encoding ahead); a no-op with
+        ``reuse_window=False``. Work queued for slices far from where the user goes is cancelled.
+        """
+        self._require_volume()
+        geometry.check_axis(axis)
+        index = geometry.check_index(self._volume_u8.shape, axis, index)
         if not self.config.reuse_window:
             return
         last = self._last_index.get(axis)
@@ -399,7 +412,7 @@ class PromptSession:
         index = geometry.check_index(self._volume_u8.shape, axis, index)
         box = self._check_box(axis, index, box_xy)
         crop = self._window(axis, index, box)
-        self._offer_window(axis, index, crop, walking=True)
+        self.look_ahead(axis, index, crop, walking=True)
         _, score, mask = self.predict(axis, index, box, crop=crop)
         return SliceResult(axis, index, mask, score, box)
 
@@ -451,9 +464,9 @@ class PromptSession:
         else:
             if state.crop is None:
                 state.crop = self._window(axis, index, state.box_xy)
-            elif not self._crop_fits(axis, state.crop, state.box_xy):
+            elif not self.window_fits(axis, state.crop, state.box_xy):
                 state.crop = self.crop_for(axis, state.box_xy, index)
-            self._offer_window(axis, index, state.crop, walking=False)
+            self.look_ahead(axis, index, state.crop, walking=False)
             edits = bool(state.points) and "points" not in self.model.spec.trained_with
             _, score, mask = self.predict(axis, index, state.box_xy, state.points, crop=state.crop,
                                           clear_negatives=not edits)

@@ -106,7 +106,7 @@ def corrected_samples(session, axis: str, crops: Optional[Dict[int, object]] = N
         m = config.crop_margin_px
         box = (max(box[0] - m, 0), max(box[1] - m, 0), min(box[2] + m, shape_yx[1] - 1), min(box[3] + m, shape_yx[0] - 1))
         crop = (crops or {}).get(index)
-        if crop is None or not session._crop_fits(axis, crop, box):
+        if crop is None or not session.window_fits(axis, crop, box):
             crop = session.crop_for(axis, box)
         emb = session.embedding(axis, index, crop)
         target = (slice_to_model(mask * np.uint8(255), crop) > 0.5).astype(np.uint8)

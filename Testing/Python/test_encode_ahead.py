@@ -154,3 +154,26 @@ def test_a_512x512x300_ct_session_is_bounded_by_its_cache():
     assert out["cache_mb"] <= out["cache_max_mb"] and out["cached"] < 812  # bounded in bytes, LRU evicted
     assert out["rss_mb"] - out["before_fill_mb"] <= 1.25 * out["cache_max_mb"] + 64, out
     assert out["rss_mb"] - out["after_import_mb"] < 1536, out
+
+
+def test_the_public_look_ahead_api_encodes_the_walks_next_slice_through_the_window(litemedsam, real_embedding, colin27,
+                                                                                   thalamus_roi):
+    """``window_fits`` / ``look_ahead``: what propagation (and the trainer's online loop) use."""
+    model = stand_in(litemedsam, real_embedding)
+    s = PromptSession(model, config=SessionConfig(encode_ahead=1))
+    s.set_volume(*colin27)
+    (i0, j0, k0), (i1, j1, _) = thalamus_roi
+    box = (i0 + 2, j0 + 2, i1 - 2, j1 - 2)
+    crop = s.crop_for("axial", box, k0)
+    assert s.window_fits("axial", crop, box) and not s.window_fits("axial", crop, (0, 0, 180, 216))
+    s.look_ahead("axial", k0, crop)  # the first slice of a walk: nothing known about its direction yet
+    s.look_ahead("axial", k0 + 1, crop)  # walking upward: k0 + 2 is encoded ahead through the same window
+    with s._futures_lock:
+        futures = list(s._futures.values())
+    for fut in futures:
+        fut.result(30)
+    assert s._key("axial", k0 + 2, crop) in s.cache and [bg for bg, _ in model.calls] == [True]
+    assert s.predict("axial", k0 + 2, box, crop=crop)[2].any() and len(model.calls) == 1  # served from the cache
+    with pytest.raises(Exception, match="index"):
+        s.look_ahead("axial", 10_000, crop)
+    s.close()

@@ -10,7 +10,9 @@ runtime over the same slices, in turn):
   torch fp32; ground-truth Dice on the shared data (deep-grey structures, +5 px boxes) beside the
   ellipse-in-box baseline;
 - prompt-to-mask with a cached embedding (a second box on an encoded slice), median;
-- the one-time export + check cost (into a fresh cache folder) and the resident size after loading.
+- the one-time export + check cost (into a fresh cache folder) and the resident size after loading;
+- ``--memory`` / ``--memory-only``: the one-time export of the automatic runtime (timed), then a 512x512x300 CT
+  session in a fresh process, its resident size after each step (imports, model, volume, prompts, full cache).
 bf16 is measured only on CPUs with native bf16 (``--slow-bf16`` forces it: 5-6x slower on AVX2).
 Also: fp16 storage of embeddings (mask agreement with fp32), and end to end, the 40-slice structures
 (Hippocampus_L ROI on Colin27; the chest CT aorta, 40 axial slices) with today's default (torch eager
@@ -170,6 +172,56 @@ def prompt_to_mask(args, loaded, volume, inputs) -> dict:
     return out
 
 
+MEMORY_PROBE = r"""
+import json, resource, sys
+sys.path[:0] = {paths!r}
+import psutil
+rss = lambda: round(psutil.Process().memory_info().rss / 2**20, 1)
+steps = {{"python": rss()}}
+import numpy as np, torch
+torch.set_num_threads(1)
+steps["numpy_torch_imported"] = rss()
+from MedFMSegmentLib import models
+from MedFMSegmentLib.session import PromptSession
+m = models.load_model("litemedsam", runtime={runtime!r}, threads=1, cache_dir={cache!r})
+steps["model_loaded"] = rss()
+s = PromptSession(m)  # the default cache: 256 MB, fp16
+rng = np.random.default_rng(0)
+vol = rng.integers(-1000, 1500, (300, 512, 512), dtype=np.int16)  # the caller's CT (150 MB)
+vol[:, 200:300, 220:320] = 300
+steps["caller_volume"] = rss()
+s.set_volume(vol, np.diag([0.8, 0.8, 1.5, 1.0]))
+steps["set_volume"] = rss()
+s.add_box("axial", 150, (210, 190, 330, 310))
+steps["first_box"] = rss()
+s.add_box("axial", 150, (211, 191, 329, 309))
+s.add_box("axial", 151, (210, 190, 330, 310))
+steps["three_boxes"] = rss()
+crop = s.crop_for("axial", (210, 190, 330, 310))
+for axis, n in (("axial", 300), ("coronal", 512)):  # every slice of two axes through the cache (values need not be real)
+    for k in range(n):
+        s.cache.put(s._key(axis, k, crop), torch.randn(1, 256, 64, 64))
+steps["cache_filled"] = rss()
+print(json.dumps({{"rss_mb_steps": steps, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "cache_mb": round(s.cache.nbytes / 2**20, 1), "cache_max_mb": s.cache.max_bytes >> 20,
+                  "runtime": s.runtime_info["runtime"], "decoder": s.runtime_info["decoder"]}}))
+"""
+
+
+def memory(cache_root: Path, runtime: str = "auto") -> dict:
+    """A 512x512x300 CT session in a fresh process: resident size after each step, and the peak."""
+    import subprocess
+
+    paths = [str(HERE.parents[1] / "MedFMSegment"), str(HERE.parents[1] / "MedFMTrain")]
+    script = MEMORY_PROBE.format(paths=paths, runtime=runtime, cache=str(cache_root))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["load_average"] = list(os.getloadavg())
+    return out
+
+
 def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None) -> dict:
     torch.set_num_threads(threads)
     vols, structs = D.volumes(), D.structures()
@@ -244,6 +296,8 @@ def main(argv=None):
     p.add_argument("--e2e-first", action="store_true", help="end to end before the encoder rounds")
     p.add_argument("--e2e-targets", nargs="+", default=["Hippocampus_L", "aorta_chest_ct"])
     p.add_argument("--cache-dir", help="export cache to use (default: a fresh temporary one)")
+    p.add_argument("--memory", action="store_true", help="also the 512x512x300 CT session's resident size, step by step")
+    p.add_argument("--memory-only", action="store_true", help="only the memory part (and the one-time export it needs)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -267,6 +321,18 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="medfm-bench-cache-") as tmp:
         cache_root = Path(args.cache_dir or tmp)  # a fresh cache: the export cost is measured
+        if args.memory or args.memory_only:
+            t = time.perf_counter()
+            m = models.load_model("litemedsam", runtime="auto", threads=max(args.threads), cache_dir=cache_root)
+            result["one_time_export"] = {"seconds": round(time.perf_counter() - t, 1), "load_average": list(os.getloadavg()),
+                                         "exports": m.runtime_info.get("exports")}
+            del m
+            gc.collect()
+            result["memory_512x512x300_ct"] = memory(cache_root)
+            save()
+            if args.memory_only:
+                print(json.dumps(result, indent=1, default=str))
+                return
         if not args.e2e_first:
             for threads in args.threads:
                 result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)

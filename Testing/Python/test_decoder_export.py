@@ -1,0 +1,97 @@
+"""The folded mask decoder (decoder_export.FoldedDecoder, what OpenVINO runs) computes SAM's decoder: on real
+embeddings of Colin27 and the head CT, its masks equal the unmodified torch decoder's, and the OpenVINO
+session's prompt-to-mask agrees with the torch fp32 session on real slices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MedFMSegmentLib import geometry, models, runtimes
+from MedFMSegmentLib.decoder_export import FoldedDecoder
+from MedFMSegmentLib.preprocess import model_to_slice, slice_to_model
+from MedFMSegmentLib.session import PromptSession
+
+THALAMUS_L, PUTAMEN_L, CAUDATE_R = 77, 73, 72
+
+
+def _boxes_on(labels_kji, label, margin=3):
+    """(axial index, +margin box) on the middle slice of an atlas label."""
+    ks = np.nonzero((labels_kji == label).any(axis=(1, 2)))[0]
+    k = int(ks[len(ks) // 2])
+    ys, xs = np.nonzero(labels_kji[k] == label)
+    return k, (float(xs.min() - margin), float(ys.min() - margin), float(xs.max() + margin), float(ys.max() + margin))
+
+
+@pytest.fixture(scope="module")
+def real_embeddings(litemedsam, colin27, colin27_aal, cranium_ct):
+    """(embedding, crop, box, slice shape) for two Colin27 structures and a box on the head CT."""
+    out = []
+    for volume, label_box in ((colin27, _boxes_on(colin27_aal, THALAMUS_L)), (colin27, _boxes_on(colin27_aal, PUTAMEN_L)),
+                              (cranium_ct, (54, (60.0, 70.0, 140.0, 150.0)))):
+        s = PromptSession(litemedsam)
+        s.set_volume(*volume)
+        k, box = label_box
+        crop = s.crop_for("axial", box, k)
+        emb = litemedsam.encode(slice_to_model(s.normalised_slice("axial", k, crop.preset), crop))
+        out.append((emb, crop, box, geometry.slice_shape(s.shape, "axial")))
+    return out
+
+
+def test_the_folded_decoder_equals_sams_decoder_on_real_embeddings(litemedsam, real_embeddings):
+    pe, md = litemedsam.net.prompt_encoder, litemedsam.net.mask_decoder
+    with torch.inference_mode():
+        dense_pe = pe.get_dense_pe()
+        _, no_mask = pe(points=None, boxes=torch.zeros(1, 4), masks=None)
+        folded = FoldedDecoder(md, dense_pe, no_mask).eval()
+        for emb, crop, box, shape in real_embeddings:
+            bm = [float(v) for v in crop.box_to_model(box)]
+            x0, y0, x1, y1 = bm
+            prompts = [dict(boxes=torch.tensor([bm], dtype=torch.float32)),  # the box, a grown box, box + points
+                       dict(boxes=torch.tensor([[x0 - 3, y0 - 3, x1 + 3, y1 + 3]], dtype=torch.float32)),
+                       dict(boxes=torch.tensor([bm], dtype=torch.float32),
+                            points=(torch.tensor([[[(x0 + x1) / 2, (y0 + y1) / 2], [x0 + 1, y0 + 1]]]),
+                                    torch.tensor([[1, 0]])))]
+            for kw in prompts:
+                sparse, dense = pe(points=kw.get("points"), boxes=kw["boxes"], masks=None)
+                ref_masks, ref_iou = md.predict_masks(emb, dense_pe, sparse, dense)
+                masks, iou = folded(emb, sparse)
+                assert float((masks - ref_masks).abs().max()) <= 1e-3 * float(ref_masks.abs().max())
+                assert float((iou - ref_iou).abs().max()) <= 1e-4
+                for c in range(masks.shape[1]):  # each of the four masks, on the slice grid
+                    a = model_to_slice(ref_masks[0, c], crop, shape) > 0
+                    b = model_to_slice(masks[0, c], crop, shape) > 0
+                    assert runtimes.dice(a, b) >= 0.999 and a.sum() > 50
+
+
+@pytest.fixture(scope="module")
+def ov_litemedsam():
+    pytest.importorskip("openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    if m.runtime_info.get("decoder") != "openvino":
+        pytest.fail(f"the OpenVINO decoder was not attached: {m.runtime_info}")
+    return m
+
+
+def test_openvino_decoder_masks_equal_torch_on_real_embeddings(ov_litemedsam, litemedsam, real_embeddings):
+    for emb, crop, box, shape in real_embeddings:
+        fast, fast_iou = ov_litemedsam.decode(emb, crop.box_to_model(box), fast=True)
+        ref, ref_iou = litemedsam.decode(emb, crop.box_to_model(box))
+        a, b = model_to_slice(ref[0], crop, shape) > 0, model_to_slice(fast[0], crop, shape) > 0
+        assert runtimes.dice(a, b) >= 0.999 and a.sum() > 50
+        assert abs(float(fast_iou[0]) - float(ref_iou[0])) <= 1e-3
+
+
+def test_openvino_prompt_to_mask_agrees_with_the_torch_fp32_session(ov_litemedsam, litemedsam, colin27, colin27_aal):
+    """Encoder and decoder on OpenVINO against torch fp32, a first and a second box per slice (Dice >= 0.995)."""
+    sessions = [PromptSession(m) for m in (litemedsam, ov_litemedsam)]
+    for s in sessions:
+        s.set_volume(*colin27)
+    for label in (CAUDATE_R,):  # (one slice: < 20 s on a loaded 2-core machine)
+        k, (x0, y0, x1, y1) = _boxes_on(colin27_aal, label)
+        for box in ((x0, y0, x1, y1), (x0 + 1, y0 + 1, x1 - 1, y1 - 1)):
+            ref, got = (s.add_box("axial", k, box) for s in sessions)
+            assert ref.mask.sum() > 50 and runtimes.dice(ref.mask, got.mask) >= 0.995
+            assert abs(ref.score - got.score) <= 0.01
+    for s in sessions:
+        s.close()
