@@ -67,3 +67,12 @@ def _point_region(shape, x, y):
     r = np.zeros(shape, bool)
     r[y, x] = True
     return r
+
+
+def remove_pixel(mask: np.ndarray, x: float, y: float) -> np.ndarray:
+    """``mask`` without the pixel at ``(x, y)`` (slice xy), copied only when that pixel is set."""
+    xi, yi = int(round(x)), int(round(y))
+    if 0 <= yi < mask.shape[0] and 0 <= xi < mask.shape[1] and mask[yi, xi]:
+        mask = mask.copy()
+        mask[yi, xi] = 0
+    return mask

@@ -25,6 +25,7 @@ Accuracy choices (measured in Testing/benchmarks/bench_2d.py):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -39,7 +40,7 @@ import torch
 from . import geometry, runtimes
 from .embedding_cache import EmbeddingCache  # noqa: F401  (public here)
 from .errors import InputError
-from .masks2d import _components, _cut_at, _point_region, keep_components_touching  # noqa: F401
+from .masks2d import _components, _cut_at, _point_region, keep_components_touching, remove_pixel  # noqa: F401
 from .models import PromptableModel, load_model
 from .preprocess import (CT_PER_BOX, CT_PER_BOX_PRIMARY, PRESETS, Crop, box_crop, ct_preset_for_box, full_slice_crop,
                          guess_modality, map_slice, model_to_slice, normalise_volume, slice_to_model, validate_volume)
@@ -382,7 +383,7 @@ class PromptSession:
         if points and "points" in self.model.spec.trained_with:
             pts = crop.to_model([p for p, _ in points])
             lbl = [1 if pos else 0 for _, pos in points]
-        ctx = self.adapter.applied(self.model) if self.adapter is not None else _null_context()
+        ctx = self.adapter.applied(self.model) if self.adapter is not None else contextlib.nullcontext()
         with ctx:
             logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input, fast=self.adapter is None)
         shape = geometry.slice_shape(self._volume_u8.shape, axis)
@@ -395,16 +396,8 @@ class PromptSession:
             mask = keep_components_touching(mask, inside)
         for (x, y), positive in points if clear_negatives else ():
             if not positive:  # a negative click is never inside the result
-                mask = self._remove_at(mask, x, y)
+                mask = remove_pixel(mask, x, y)
         return logits, float(np.clip(iou[0], 0, 1)), mask
-
-    @staticmethod
-    def _remove_at(mask, x, y):
-        xi, yi = int(round(x)), int(round(y))
-        if 0 <= yi < mask.shape[0] and 0 <= xi < mask.shape[1] and mask[yi, xi]:
-            mask = mask.copy()
-            mask[yi, xi] = 0
-        return mask
 
     def segment_box(self, axis: str, index: int, box_xy) -> SliceResult:
         """Segment a slice from a box without recording it as a prompt (used by propagation)."""
@@ -552,13 +545,13 @@ class PromptSession:
                 mask |= region
                 for (nx, ny), pos in state.points[:number]:  # keep earlier negative clicks out
                     if not pos:
-                        mask = self._remove_at(mask, nx, ny)
+                        mask = remove_pixel(mask, nx, ny)
             elif not positive and mask[yi, xi]:
                 keep = [(px, py) for (px, py), pos in state.points if pos and mask[int(round(py)), int(round(px))]]
                 mask = _cut_at(mask, (xi, yi), keep)
         for (x, y), positive in state.points:  # a negative click is never inside the result
             if not positive:
-                mask = self._remove_at(mask, x, y)
+                mask = remove_pixel(mask, x, y)
         return mask
 
     def _fit_box_at_click(self, axis, index, xy) -> Tuple[BoxXY, np.ndarray]:
@@ -646,11 +639,3 @@ class PromptSession:
             if st.mask is not None:
                 geometry.get_slice(out, axis, index)[st.mask > 0] = 1
         return out
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
