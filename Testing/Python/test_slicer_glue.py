@@ -453,12 +453,8 @@ def test_effect_logic_prompts_masking_undo_tag_and_scene_close(segment_module, t
     logic.shutdown()
 
 
-def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
-    """The effect's A key: an accepted slice is a correction as the segment holds it when propagation runs,
-    even after the prompt session was reset and replayed (a removed click) and after a later edit of the
-    slice; prompting the slice again ends its acceptance."""
-    seg, scene = segment_module
-    from MedFMSegmentLib import mrml
+def _boxed_blob(seg, scene):
+    """A "Blob" segment on the ellipsoid scene with one box on axial slice 1, applied through the Logic."""
     from MedFMSegmentLib.interaction import Interaction
 
     volume, truth, segmentation, ijk_to_ras, shape, _ = _ellipsoid_scene(seg, scene, np.s_[0, :1, :1])
@@ -470,6 +466,17 @@ def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
     ys, xs = np.nonzero(truth[k])
     it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
     logic.applyPrompts(volume, segmentation, sid, it)
+    return volume, truth, segmentation, ijk_to_ras, shape, sid, logic, it, (xs, ys, k)
+
+
+def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
+    """The effect's A key: an accepted slice is a correction as the segment holds it when propagation runs,
+    even after the prompt session was reset and replayed (a removed click) and after a later edit of the
+    slice; prompting the slice again ends its acceptance."""
+    seg, scene = segment_module
+    from MedFMSegmentLib import mrml
+
+    volume, truth, segmentation, ijk_to_ras, shape, sid, logic, it, (xs, ys, k) = _boxed_blob(seg, scene)
 
     def segment_mask():
         return mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
@@ -671,18 +678,9 @@ def test_accepted_slices_outlive_another_segment_and_a_saved_file(segment_module
     session) and saving + reloading the segmentation keep them; propagation still keeps them exactly."""
     seg, scene = segment_module
     from MedFMSegmentLib import mrml, mrml_prompts
-    from MedFMSegmentLib.interaction import Interaction
 
-    volume, truth, segmentation, ijk_to_ras, shape, _ = _ellipsoid_scene(seg, scene, np.s_[0, :1, :1])
-    sid = segmentation.GetSegmentation().AddEmptySegment("", "Blob")
+    volume, truth, segmentation, ijk_to_ras, shape, sid, logic, it, (xs, ys, k) = _boxed_blob(seg, scene)
     other = segmentation.GetSegmentation().AddEmptySegment("", "Second")
-    logic = seg.MedFMSegmentLogic()
-    it = Interaction()
-    it.select(sid)
-    k = 1
-    ys, xs = np.nonzero(truth[k])
-    it.box((xs.min() - 2, ys.min() - 2, k), (xs.max() + 2, ys.max() + 2, k), "axial")
-    logic.applyPrompts(volume, segmentation, sid, it)
     painted = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
     painted[2] = 0
     painted[2, 10:20, 10:30] = 1  # a square no model draws
