@@ -246,14 +246,19 @@ def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest
 
 
 def _sdf(mask: np.ndarray) -> np.ndarray:
-    """Signed distance to the mask's border in pixels, positive inside (a huge negative if empty)."""
+    """Signed distance to the mask's border in pixels, positive inside (a huge negative if empty).
+
+    The border lies half a pixel outside the mask's outermost pixels: ITK's map is 0 on those pixels
+    (distance to the nearest contour pixel), so it is shifted by +0.5 and ``> 0`` is the mask itself again
+    (without the shift an interpolated shape lost its outer ring of pixels: a mask interpolated with
+    itself came back eroded by one pixel, 18 % of the chest CT aorta's area)."""
     import SimpleITK as sitk
 
     if not mask.any():
         return np.full(mask.shape, -1e6, np.float32)
     d = sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), insideIsPositive=True,
                                      squaredDistance=False, useImageSpacing=False)
-    return sitk.GetArrayFromImage(d).astype(np.float32)
+    return sitk.GetArrayFromImage(d).astype(np.float32) + np.float32(0.5)
 
 
 def _shift(a: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:

@@ -260,3 +260,16 @@ def test_repropagation_asks_the_decoder_only_for_new_prompts(seeded, thalamus, b
     assert fresh.decoded > 0
     assert np.array_equal(fresh.mask, second.mask) and fresh.signals == second.signals
     assert np.array_equal(second.mask, first.mask)
+
+
+def test_interpolated_shape_keeps_the_masks_border(thalamus):
+    """A shape interpolated between two atlas slices keeps their size: a mask interpolated with itself is
+    the mask again (an unshifted distance map dropped the outer ring of pixels), and the thalamus between
+    slices k - 2 and k + 2 matches the atlas on slice k with its area."""
+    from MedFMSegmentLib.propagate import interpolate_shape
+
+    mask, k = thalamus
+    assert np.array_equal(interpolate_shape(mask[k], mask[k], 0.5) > 0, mask[k] > 0)
+    between = interpolate_shape(mask[k - 2], mask[k + 2], 0.5) > 0
+    assert dice(between, mask[k]) > 0.9
+    assert abs(int(between.sum()) - int(mask[k].sum())) < 0.1 * mask[k].sum()
