@@ -18,7 +18,10 @@ products, exact in real arithmetic):
   projection is applied to the N values before the attention (``sum_h P_h (V_h W_o,h^T)``).
 
 The image tokens stay channel-first (``(256, 4096)``, the embedding's own layout) throughout, so no
-4,096-token transposes; the prompt-independent terms (the positional encoding, the no-mask dense
+4,096-token transposes (graph "folded-2" transposed the embedding first: 7 ms of its ~45 ms CPU on one
+thread), and the upscaling's masks leave the graph in its blocked pixel order (:func:`unblock_masks` puts
+the one a caller wants in image order in numpy); the final token-to-image attention runs only for the 5
+tokens read after it; the prompt-independent terms (the positional encoding, the no-mask dense
 embedding) are constants of the graph, not inputs to copy per call.
 """
 from __future__ import annotations
@@ -47,22 +50,21 @@ def _attention(attn, q, k, v):
 
 
 def _tokens_to_image(attn, q_tokens, k_img, v_img):
-    """SAM's Attention(q=tokens, k=image + pe, v=image), the image token-major (B, HW, C)."""
+    """SAM's Attention(q=tokens, k=image + pe, v=image), the image channel-first (B, C, HW)."""
     h = attn.num_heads
     wk = attn.k_proj.weight.reshape(h, -1, attn.k_proj.weight.shape[-1])  # (h, c, C)
     wv = attn.v_proj.weight.reshape(h, -1, attn.v_proj.weight.shape[-1])
     q = _heads(attn.q_proj(q_tokens), h)  # (B, h, N, c)
     a = (q @ wk) / math.sqrt(q.shape[-1])  # (B, h, N, C): the key projection folded into the queries
     b, _, n, c_full = a.shape
-    scores = a.reshape(b, h * n, c_full) @ k_img.transpose(1, 2)  # (B, hN, HW)
-    p = torch.softmax(scores, dim=-1)
-    pv = (p @ v_img).reshape(b, h, n, c_full)  # (B, h, N, C): the attention-weighted image
+    p = torch.softmax(a.reshape(b, h * n, c_full) @ k_img, dim=-1)  # (B, hN, HW)
+    pv = (p @ v_img.transpose(1, 2)).reshape(b, h, n, c_full)  # (B, h, N, C): the attention-weighted image
     out = pv @ wv.transpose(1, 2) + attn.v_proj.bias.reshape(h, 1, -1)  # (B, h, N, c)
     return attn.out_proj(_merge(out))
 
 
 def _image_to_tokens(attn, q_img, k_tokens, v_tokens):
-    """SAM's Attention(q=image + pe, k=tokens, v=tokens): the image-side output, token-major (B, HW, C)."""
+    """SAM's Attention(q=image + pe, k=tokens, v=tokens): the image-side output, channel-first (B, C, HW)."""
     h = attn.num_heads
     k = _heads(attn.k_proj(k_tokens), h)  # (B, h, N, c)
     v = _heads(attn.v_proj(v_tokens), h)
@@ -72,46 +74,66 @@ def _image_to_tokens(attn, q_img, k_tokens, v_tokens):
     bt = (k @ wq) * scale  # (B, h, N, C): the query projection folded into the keys
     bias = (k @ attn.q_proj.bias.reshape(h, c, 1)) * scale  # (B, h, N, 1)
     b, _, n, c_full = bt.shape
-    scores = q_img @ bt.reshape(b, h * n, c_full).transpose(1, 2)  # (B, HW, hN)
-    scores = scores.reshape(b, -1, h, n) + bias.reshape(b, 1, h, n)
-    p = torch.softmax(scores, dim=-1).reshape(b, -1, h * n)  # over the tokens, per head
+    scores = (bt.reshape(b, h * n, c_full) @ q_img).reshape(b, h, n, -1) + bias  # (B, h, N, HW)
+    p = torch.softmax(scores, dim=2).reshape(b, h * n, -1)  # over the tokens, per head and image token
     wo = attn.out_proj.weight.reshape(attn.out_proj.weight.shape[0], h, c).permute(1, 2, 0)  # (h, c, C)
     u = (v @ wo).reshape(b, h * n, c_full)  # (B, hN, C): the output projection applied to the values first
-    return p @ u + attn.out_proj.bias
+    return u.transpose(1, 2) @ p + attn.out_proj.bias.reshape(-1, 1)
 
 
-def _upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor, hh: int, ww: int):
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dim: int) -> torch.Tensor:
+    """LayerNorm over axis ``dim`` (``weight`` / ``bias`` shaped to broadcast along it), as SAM's LayerNorm2d."""
+    d = x - x.mean(dim, keepdim=True)
+    return d / torch.sqrt((d * d).mean(dim, keepdim=True) + eps) * weight + bias
+
+
+def _upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
     """SAM's ``output_upscaling`` (ConvTranspose 2x2/2, LayerNorm2d, GELU, ConvTranspose 2x2/2, GELU) then the
-    product with the mask tokens' hypernetwork outputs, channels-last: a 2x2 stride-2 transposed convolution is
-    one matrix product per input pixel (its output pixel's 2x2 children side by side), so the image tokens
-    (B, HW, C) go through two matrix products, the layer norm over the last axis and the GELUs without any
-    spatial rearrangement; only the (B, M, 4H, 4W) masks are put in image order at the end."""
+    product with the mask tokens' hypernetwork outputs, channel-first: a 2x2 stride-2 transposed convolution is
+    one matrix product per input pixel (its output pixel's 2x2 children stacked as channel blocks), so the image
+    tokens (B, C, HW) go through two matrix products, the layer norm and the GELUs with no rearrangement. The
+    masks stay in that blocked order, (B, 2x2, 2x2, M, HW) (see :func:`unblock_masks`): the one or three masks a
+    caller wants are put in image order in numpy, not all four in the graph."""
     up1, norm, act1, up2, act2 = upscaling
-    b = keys.shape[0]
+    b, c, hw = keys.shape
     c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
-    w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.weight.shape[0], 4 * c1)  # (C, dy dx c1)
-    w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    x = (keys @ w1).reshape(b, -1, 4, c1) + up1.bias  # (B, HW, 4, c1): pixel (2y + dy, 2x + dx)
-    x = act1(torch.nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    x = act2((x.reshape(b, -1, c1) @ w2).reshape(b, -1, 4, c2) + up2.bias)  # (B, 4HW, 4, c2)
-    m = hyper_in.shape[1]
-    masks = (x @ hyper_in.transpose(1, 2).unsqueeze(1))  # (B, 4HW, 4, M)
-    masks = masks.reshape(b, hh, ww, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # y dy dy2, x dx dx2
-    return masks.reshape(b, m, 4 * hh, 4 * ww)
+    w1 = up1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # rows (dy, dx, c1)
+    w2 = up2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)  # rows (dy2, dx2, c2)
+    x = (w1 @ keys).reshape(b, 4, c1, hw) + up1.bias.reshape(c1, 1)  # pixel (2y + dy, 2x + dx)
+    x = act1(_layer_norm(x, norm.weight.reshape(c1, 1), norm.bias.reshape(c1, 1), norm.eps, 2))
+    x = act2((w2 @ x).reshape(b, 4, 4, c2, hw) + up2.bias.reshape(c2, 1))  # (B, dy dx, dy2 dx2, c2, HW)
+    return hyper_in.reshape(b, 1, 1, hyper_in.shape[1], c2) @ x  # (B, 4, 4, M, HW)
+
+
+def unblock_masks(blocked, pick, grid_hw):
+    """numpy: masks in the exported decoder's blocked order (B, 4, 4, M, H*W) -> masks ``pick`` of the first
+    batch item in image order, (len(pick), 4H, 4W) float32 (pixel (4y + 2dy + dy2, 4x + 2dx + dx2))."""
+    import numpy as np
+
+    hh, ww = grid_hw
+    sel = np.asarray(blocked)[0][:, :, pick]  # (4, 4, k, HW)
+    k = sel.shape[2]
+    sel = sel.reshape(2, 2, 2, 2, k, hh, ww).transpose(4, 5, 0, 2, 6, 1, 3)  # k, y, dy, dy2, x, dx, dx2
+    return np.ascontiguousarray(sel, dtype=np.float32).reshape(k, 4 * hh, 4 * ww)
 
 
 class FoldedDecoder(nn.Module):
     """(embedding (1, C, H, W), sparse prompt tokens (1, N, C)) -> (all masks (1, M, 4H, 4W), IoUs (1, M)),
-    equal to SAM's ``MaskDecoder.predict_masks`` with the given ``image_pe`` and no mask input."""
+    equal to SAM's ``MaskDecoder.predict_masks`` with the given ``image_pe`` and no mask input.
 
-    GRAPH = "folded-2"  # in the export cache's identity: bump when the graph changes
+    ``blocked=True`` (what is exported): the masks in the upscaling's blocked order (1, 4, 4, M, H*W), put in
+    image order by :func:`unblock_masks`."""
 
-    def __init__(self, mask_decoder: nn.Module, image_pe: torch.Tensor, no_mask_dense: torch.Tensor):
+    GRAPH = "folded-3-cf"  # in the export cache's identity: bump when the graph changes
+
+    def __init__(self, mask_decoder: nn.Module, image_pe: torch.Tensor, no_mask_dense: torch.Tensor,
+                 blocked: bool = False):
         super().__init__()
         self.md = mask_decoder
+        self.blocked = bool(blocked)
         c = image_pe.shape[1]
-        self.register_buffer("pe", image_pe.reshape(1, c, -1).transpose(1, 2).contiguous(), persistent=False)
-        self.register_buffer("dense", no_mask_dense.reshape(1, c, -1).transpose(1, 2).contiguous(), persistent=False)
+        self.register_buffer("pe", image_pe.reshape(1, c, -1).contiguous(), persistent=False)
+        self.register_buffer("dense", no_mask_dense.reshape(1, c, -1).contiguous(), persistent=False)
 
     def forward(self, embedding: torch.Tensor, sparse: torch.Tensor):
         md = self.md
@@ -119,7 +141,7 @@ class FoldedDecoder(nn.Module):
         b, c, hh, ww = embedding.shape
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0).unsqueeze(0)
         tokens = torch.cat((output_tokens.expand(sparse.shape[0], -1, -1), sparse), dim=1)
-        keys = embedding.reshape(b, c, hh * ww).transpose(1, 2) + self.dense  # (B, HW, C)
+        keys = embedding.reshape(b, c, hh * ww) + self.dense  # (B, C, HW): channel-first, the embedding's layout
         pe = self.pe
         queries, query_pe = tokens, tokens
         for layer in tr.layers:
@@ -133,13 +155,21 @@ class FoldedDecoder(nn.Module):
             queries = layer.norm2(queries + _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe,
                                                              k_img, keys))
             queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(keys + _image_to_tokens(layer.cross_attn_image_to_token, k_img, queries + query_pe,
-                                                       queries))
-        queries = tr.norm_final_attn(queries + _tokens_to_image(tr.final_attn_token_to_image, queries + query_pe,
-                                                                keys + pe, keys))
-        iou_token_out = queries[:, 0, :]
-        mask_tokens_out = queries[:, 1:(1 + md.num_mask_tokens), :]
+            n4 = layer.norm4
+            keys = _layer_norm(keys + _image_to_tokens(layer.cross_attn_image_to_token, k_img, queries + query_pe,
+                                                       queries), n4.weight.reshape(-1, 1), n4.bias.reshape(-1, 1),
+                               n4.eps, 1)
+        # the final attention only for the tokens read after it (IoU + mask tokens; each query row is independent)
+        n_out = 1 + md.num_mask_tokens
+        out = queries[:, :n_out]
+        out = tr.norm_final_attn(out + _tokens_to_image(tr.final_attn_token_to_image, out + query_pe[:, :n_out],
+                                                        keys + pe, keys))
+        iou_token_out = out[:, 0, :]
+        mask_tokens_out = out[:, 1:n_out, :]
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)],
                                dim=1)  # (B, M, c)
-        masks = _upscaled_masks(md.output_upscaling, keys, hyper_in, hh, ww)
+        masks = _upscaled_masks(md.output_upscaling, keys, hyper_in)
+        if not self.blocked:
+            m = masks.shape[3]
+            masks = masks.reshape(b, 2, 2, 2, 2, m, hh, ww).permute(0, 5, 6, 1, 3, 7, 2, 4).reshape(b, m, 4 * hh, 4 * ww)
         return masks, md.iou_prediction_head(iou_token_out)

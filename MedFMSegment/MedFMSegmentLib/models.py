@@ -160,7 +160,7 @@ class PromptableModel:
     _encoder: Optional[Callable] = field(default=None, repr=False)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
-    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse) -> [masks, iou], no mask input
+    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask input
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
 
     @property
@@ -230,9 +230,9 @@ class PromptableModel:
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
         if (fast and self._fast_decoder is not None and masks is None and sparse.shape[1] > 0
                 and self._decoder_unmodified()):  # the export has the no-mask dense embedding built in
-            all_masks, all_iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy())
-            pick = slice(1, None) if multimask else slice(0, 1)
-            return torch.from_numpy(all_masks[0, pick]), all_iou[0, pick].astype(np.float32)
+            pick = [1, 2, 3] if multimask else [0]
+            masks, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(), pick)
+            return torch.from_numpy(masks), iou
         logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                          multimask_output=multimask)
@@ -473,29 +473,34 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
 
 def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
     from . import runtimes
-    from .decoder_export import FoldedDecoder
+    from .decoder_export import FoldedDecoder, unblock_masks
 
     pe, md = model.net.prompt_encoder, model.net.mask_decoder
     with torch.inference_mode():
         dense_pe = pe.get_dense_pe()
         sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
     emb_shape = [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])]  # the embedding grid
+    grid = tuple(emb_shape[-2:])
     compiled = {}
 
     def make_decoder(ov_model):
-        return lambda emb, sp: ov_model(emb, sp)
+        def run(emb, sp, pick):  # the picked masks, put in image order straight from OpenVINO's output buffer
+            return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, grid),
+                                                        np.array(out[1][0, pick], dtype=np.float32)))
+        return run
 
     def as_decode(decoder):
         def run(emb, box):
             with torch.inference_mode():
                 sp, _ = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
-            masks, iou = decoder(emb.numpy(), sp.numpy())
-            return torch.from_numpy(masks[0, :1]), iou
+            masks, iou = decoder(emb.numpy(), sp.numpy(), [0])
+            return torch.from_numpy(masks), iou
         return run
 
     def export(folder: Path) -> dict:
         reference, ref_masks = probe.reference, probe.logits
-        folded = FoldedDecoder(md, dense_pe, dense).eval()  # the same function, fewer operations (decoder_export)
+        # the same function, fewer operations, masks in blocked order (decoder_export)
+        folded = FoldedDecoder(md, dense_pe, dense, blocked=True).eval()
         xml = runtimes.export_openvino(folded, (reference, sparse), folder,
                                        input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
         ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)

@@ -425,10 +425,15 @@ class OpenVINOModel:
         self._lock = threading.Lock()
 
     def __call__(self, *arrays: np.ndarray) -> List[np.ndarray]:
+        return self.run(arrays, lambda outputs: [np.array(o, dtype=np.float32, copy=True) for o in outputs])
+
+    def run(self, arrays: Sequence[np.ndarray], read: Callable[[List[np.ndarray]], object]):
+        """``read(outputs)`` on the request's own output buffers (valid only inside ``read``: it copies
+        what it keeps), so a caller that needs a part of an output copies only that part."""
         inputs = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]  # no copy if already so
         with self._lock:  # share_inputs: OpenVINO reads the arrays in place (no second copy)
             outputs = self._request.infer(inputs, share_inputs=True)
-            return [np.array(outputs[o], dtype=np.float32, copy=True) for o in self._compiled.outputs]
+            return read([outputs[o] for o in self._compiled.outputs])
 
 
 # --------------------------------------------------------------------------- agreement check

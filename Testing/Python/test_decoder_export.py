@@ -1,6 +1,8 @@
 """The folded mask decoder (decoder_export.FoldedDecoder, what OpenVINO runs) computes SAM's decoder: on real
-embeddings of Colin27 and the head CT, its masks equal the unmodified torch decoder's, and the OpenVINO
-session's prompt-to-mask agrees with the torch fp32 session on real slices."""
+embeddings of Colin27 and the head CT, its masks equal the unmodified torch decoder's (also in the blocked
+order the export returns, put back in image order by unblock_masks), the OpenVINO decoder's single and
+multimask answers equal torch's on the slice grid, and the OpenVINO session's prompt-to-mask agrees with the
+torch fp32 session on real slices."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from MedFMSegmentLib import geometry, models, runtimes
-from MedFMSegmentLib.decoder_export import FoldedDecoder
+from MedFMSegmentLib.decoder_export import FoldedDecoder, unblock_masks
 from MedFMSegmentLib.preprocess import model_to_slice, slice_to_model
 from MedFMSegmentLib.session import PromptSession
 
@@ -64,6 +66,23 @@ def test_the_folded_decoder_equals_sams_decoder_on_real_embeddings(litemedsam, r
                     assert runtimes.dice(a, b) >= 0.999 and a.sum() > 50
 
 
+def test_the_blocked_masks_unblock_to_the_image_order(litemedsam, real_embeddings):
+    pe, md = litemedsam.net.prompt_encoder, litemedsam.net.mask_decoder
+    with torch.inference_mode():
+        dense_pe = pe.get_dense_pe()
+        _, no_mask = pe(points=None, boxes=torch.zeros(1, 4), masks=None)
+        plain, blocked = (FoldedDecoder(md, dense_pe, no_mask, blocked=b).eval() for b in (False, True))
+        emb, crop, box, _ = real_embeddings[0]
+        sparse, _ = pe(points=None, boxes=torch.tensor([[float(v) for v in crop.box_to_model(box)]]), masks=None)
+        masks, iou = plain(emb, sparse)
+        b_masks, b_iou = blocked(emb, sparse)
+    assert b_masks.shape == (1, 4, 4, 4, 64 * 64) and torch.equal(iou, b_iou)
+    for pick in ([0], [1, 2, 3]):
+        got = unblock_masks(b_masks.numpy(), pick, (64, 64))
+        assert got.shape == (len(pick), 256, 256) and got.flags["C_CONTIGUOUS"]
+        assert np.array_equal(got, masks[0, pick].numpy())
+
+
 @pytest.fixture(scope="module")
 def ov_litemedsam():
     pytest.importorskip("openvino")
@@ -80,6 +99,22 @@ def test_openvino_decoder_masks_equal_torch_on_real_embeddings(ov_litemedsam, li
         a, b = model_to_slice(ref[0], crop, shape) > 0, model_to_slice(fast[0], crop, shape) > 0
         assert runtimes.dice(a, b) >= 0.999 and a.sum() > 50
         assert abs(float(fast_iou[0]) - float(ref_iou[0])) <= 1e-3
+
+
+def test_openvino_single_and_multimask_answers_equal_torch_on_the_slice(ov_litemedsam, litemedsam, real_embeddings):
+    """The fast path's masks after resampling to the slice (what a prompt returns), single and multimask, on
+    the same cached embeddings: Dice >= 0.999 against the unmodified torch decoder, IoUs within 1e-3."""
+    for emb, crop, box, shape in real_embeddings:
+        x0, y0, x1, y1 = crop.box_to_model(box)
+        for box_model in ((x0, y0, x1, y1), (x0 + 2, y0 + 2, x1 - 2, y1 - 2)):
+            for multimask in (False, True):
+                fast, fast_iou = ov_litemedsam.decode(emb, box_model, multimask=multimask, fast=True)
+                ref, ref_iou = litemedsam.decode(emb, box_model, multimask=multimask)
+                assert fast.shape == ref.shape == (3 if multimask else 1, 256, 256) and fast.dtype == torch.float32
+                for c in range(ref.shape[0]):
+                    a, b = model_to_slice(ref[c], crop, shape) > 0, model_to_slice(fast[c], crop, shape) > 0
+                    assert runtimes.dice(a, b) >= 0.999
+                assert np.abs(fast_iou - ref_iou).max() <= 1e-3
 
 
 def test_openvino_prompt_to_mask_agrees_with_the_torch_fp32_session(ov_litemedsam, litemedsam, colin27, colin27_aal):
