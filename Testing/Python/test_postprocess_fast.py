@@ -83,3 +83,38 @@ def test_keep_components_touching_equals_the_whole_grid_computation():
         assert np.array_equal(keep_components_touching(mask, region), keep_components_whole_grid(mask, region))
     empty = np.zeros((10, 10), np.uint8)
     assert keep_components_touching(empty, np.ones((10, 10), bool)) is empty
+
+
+def test_keep_components_touching_with_the_mask_inside_the_region_is_the_mask():
+    """The shortcut (no mask pixel outside the region: every component touches it) equals the labelling."""
+    rng = np.random.default_rng(8)
+    for _ in range(10):
+        mask = (rng.random((60, 70)) > 0.6).astype(np.uint8)  # many small components
+        mask[:5], mask[-5:], mask[:, :5], mask[:, -5:] = 0, 0, 0, 0
+        region = np.zeros(mask.shape, np.uint8)  # a uint8 region works as a bool one
+        region[4:57, 3:66] = 1
+        got = keep_components_touching(mask * np.uint8(255), region)
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+        assert np.array_equal(got, keep_components_whole_grid(mask, region > 0))
+
+
+def test_the_embedding_cache_converts_a_repeated_fp16_embedding_once():
+    """fp16 storage: a second get of the same key returns the float32 copy made for the first, equal to
+    a fresh conversion; eviction and clear drop it."""
+    from MedFMSegmentLib.embedding_cache import EmbeddingCache
+
+    one = torch.randn(1, 8, 4, 4)
+    nbytes = one.half().element_size() * one.nelement()
+    cache = EmbeddingCache(max_bytes=2 * nbytes, dtype=torch.float16)
+    cache.put("a", one)
+    first = cache.get("a")
+    assert first.dtype == torch.float32 and torch.equal(first, one.half().float())
+    assert cache.get("a") is first and cache.hits == 2
+    cache.put("b", one + 1)
+    assert torch.equal(cache.get("b"), (one + 1).half().float()) and cache.get("a") is not first  # hot moved to "b"
+    cache.put("c", one + 2)  # evicts "b" (the least recent)
+    assert cache._hot is None or cache._hot[0] != "b"
+    assert cache.get("b") is None
+    cache.get("c")
+    cache.clear()
+    assert cache._hot is None and cache.get("c") is None
