@@ -22,6 +22,7 @@ and without encoding ahead), ground-truth Dice beside the ellipsoid-in-ROI basel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -150,26 +151,107 @@ def encoder_rounds(args, threads: int, volume, cache_root: Path) -> dict:
     return res
 
 
-def prompt_to_mask(args, loaded, volume, inputs) -> dict:
-    """A second, slightly smaller box on an already encoded slice (decoder + postprocessing only)."""
+SPLIT = ("embedding", "prompt_encoder", "decoder", "resample", "components")
+
+
+@contextlib.contextmanager
+def timed_split(model, acc: dict):
+    """Accumulate wall and CPU seconds per stage of a prompt-to-mask call into ``acc`` (benchmark only: the
+    stages' functions are wrapped while the block runs, then restored)."""
+    from MedFMSegmentLib import session as session_module
+
+    def wrap(owner, name, label):
+        had = name in vars(owner)
+        original = vars(owner)[name] if had else None
+        f = getattr(owner, name)
+
+        def timed(*a, **k):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                d = acc.setdefault(label, [0.0, 0.0])
+                d[0] += time.perf_counter() - t
+                d[1] += time.process_time() - c
+        setattr(owner, name, timed)
+        return owner, name, had, original
+
+    decoder_owner = (model, "_fast_decoder") if model._fast_decoder is not None else (model.net.mask_decoder, "forward")
+    saved = [wrap(session_module, "model_to_slice", "resample"),
+             wrap(session_module, "keep_components_touching", "components"),
+             wrap(session_module.PromptSession, "embedding", "embedding"),
+             wrap(model.net.prompt_encoder, "forward", "prompt_encoder"),
+             wrap(*decoder_owner, "decoder")]
+    try:
+        yield acc
+    finally:
+        for owner, name, had, original in reversed(saved):
+            if had:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+
+def prompt_to_mask(args, loaded, volume, inputs, names=("torch_eager_fp32", "openvino_fp32")) -> dict:
+    """A second, slightly smaller box on an already encoded slice (decoder + postprocessing only): median wall
+    and CPU time (``time.process_time``: all of the process's threads) per call, split by stage (the embedding
+    from the cache, the prompt encoder, the decoder, resampling the logits to the slice, the kept components;
+    "other": the rest, Python and the session's bookkeeping); rounds interleaved over the sessions."""
     out = {}
-    sessions = {name: PromptSession(loaded[name]) for name in ("torch_eager_fp32", "openvino_fp32") if name in loaded}
-    for s in sessions.values():
-        s.set_volume(*volume)
-        for _, index, box, _, _, _ in inputs:
-            s.add_box("axial", index, box)
-    times = {name: [] for name in sessions}
+    sessions = {}
+    for name in names:
+        if name in loaded:
+            sessions[name] = []
+            for vol, cases_ in (volume if isinstance(volume, list) else [(volume, inputs)]):
+                s = PromptSession(loaded[name])
+                s.set_volume(*vol)
+                for _, index, box, _, _, _ in cases_:
+                    s.add_box("axial", index, box)
+                sessions[name].append((s, cases_))
+    rows = {name: [] for name in sessions}
     for _ in range(args.rounds):
-        for name, s in sessions.items():
-            for _, index, (x0, y0, x1, y1), _, _, _ in inputs:
-                t = time.perf_counter()
-                s.add_box("axial", index, (x0 + 1, y0 + 1, x1 - 1, y1 - 1))
-                times[name].append(time.perf_counter() - t)
-    for name, ts in times.items():
-        out[name] = {"median_ms": round(1000 * statistics.median(ts), 1), "decoder": loaded[name].runtime_info["decoder"]}
-    for s in sessions.values():
-        s.close()
+        for name, pairs in sessions.items():
+            for s, cases_ in pairs:
+                for _, index, (x0, y0, x1, y1), _, _, _ in cases_:
+                    acc = {}
+                    with timed_split(loaded[name], acc):
+                        t, c = time.perf_counter(), time.process_time()
+                        s.add_box("axial", index, (x0 + 1, y0 + 1, x1 - 1, y1 - 1))
+                        total = [time.perf_counter() - t, time.process_time() - c]
+                    acc["other"] = [total[i] - sum(v[i] for v in acc.values()) for i in (0, 1)]
+                    acc["total"] = total
+                    rows[name].append(acc)
+    for name, rs in rows.items():
+        med = lambda key, i: round(1000 * statistics.median(r.get(key, [0.0, 0.0])[i] for r in rs), 2)  # noqa: E731
+        out[name] = {"median_ms": med("total", 0), "median_cpu_ms": med("total", 1), "calls": len(rs),
+                     "decoder": loaded[name].runtime_info["decoder"],
+                     "split_median_ms": {k: {"wall": med(k, 0), "cpu": med(k, 1)} for k in SPLIT + ("other",)},
+                     "load_average": list(os.getloadavg())}
+    for pairs in sessions.values():
+        for s, _ in pairs:
+            s.close()
     return out
+
+
+def p2m_cases(n_per_structure: int = 1):
+    """Real slices for prompt-to-mask: (volume, [(name, index, +5 px box, gt, None, None)]) per dataset."""
+    vols, structs = D.volumes(), D.structures()
+    by_volume = {}
+    for name in ("Thalamus_L", "Putamen_L", "Caudate_R", "Hippocampus_L", "Aorta", "T12", "CT_head", "Tumour"):
+        st = structs[name]
+        for index in D.sample_slices(st.mask, "axial", n_per_structure):
+            gt = geometry.get_slice(st.mask, "axial", index)
+            by_volume.setdefault(st.volume, []).append((name, index, D.padded_box(gt, 5), gt, None, None))
+    return [(vols[v], c) for v, c in by_volume.items()]
+
+
+def p2m_rounds(args, threads: int, cache_root: Path) -> dict:
+    """Prompt-to-mask only, the automatic runtime (OpenVINO fp32 encoder + decoder here) at ``threads``."""
+    torch.set_num_threads(threads)
+    m = models.load_model("litemedsam", runtime="auto", threads=threads, cache_dir=cache_root)
+    res = prompt_to_mask(args, {"auto": m}, p2m_cases(), None, names=("auto",))["auto"]
+    res["runtime_info"] = {k: v for k, v in m.runtime_info.items() if k in ("runtime", "precision", "decoder", "threads")}
+    return res
 
 
 MEMORY_PROBE = r"""
@@ -298,6 +380,8 @@ def main(argv=None):
     p.add_argument("--cache-dir", help="export cache to use (default: a fresh temporary one)")
     p.add_argument("--memory", action="store_true", help="also the 512x512x300 CT session's resident size, step by step")
     p.add_argument("--memory-only", action="store_true", help="only the memory part (and the one-time export it needs)")
+    p.add_argument("--p2m-only", action="store_true",
+                   help="only prompt-to-mask (cached embedding, automatic runtime) per --threads, with its split")
     p.add_argument("--out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -333,6 +417,13 @@ def main(argv=None):
             if args.memory_only:
                 print(json.dumps(result, indent=1, default=str))
                 return
+        if args.p2m_only:
+            for threads in args.threads:
+                result[f"prompt_to_mask_threads_{threads}"] = p2m_rounds(args, threads, cache_root)
+                logging.warning("threads=%d prompt-to-mask %s", threads, result[f"prompt_to_mask_threads_{threads}"])
+                save()
+            print(json.dumps(result, indent=1, default=str))
+            return
         if not args.e2e_first:
             for threads in args.threads:
                 result[f"encoder_threads_{threads}"] = encoder_rounds(args, threads, volume, cache_root)
