@@ -173,3 +173,49 @@ class FoldedDecoder(nn.Module):
             m = masks.shape[3]
             masks = masks.reshape(b, 2, 2, 2, 2, m, hh, ww).permute(0, 5, 6, 1, 3, 7, 2, 4).reshape(b, m, 4 * hh, 4 * ww)
         return masks, md.iou_prediction_head(iou_token_out)
+
+
+class SparsePrompts:
+    """SAM's ``PromptEncoder`` sparse embedding of a box and/or points, in numpy (what the fast decoder path
+    feeds OpenVINO): the same arithmetic as ``prompt_encoder(points, boxes, masks=None)[0]`` for one prompt,
+    without torch's per-operation overhead (~0.35 ms -> ~0.05 ms CPU). The weights are read through numpy
+    views of the module's tensors (CPU only), so they follow the module."""
+
+    def __init__(self, prompt_encoder: nn.Module):
+        pe = prompt_encoder
+        self.gaussian = pe.pe_layer.positional_encoding_gaussian_matrix.detach().numpy()  # (2, C/2)
+        self.point = [e.weight.detach().numpy() for e in pe.point_embeddings]  # neg, pos, box corner 1, corner 2
+        self.not_a_point = pe.not_a_point_embed.weight.detach().numpy()
+        self.size_hw = tuple(int(v) for v in pe.input_image_size)
+
+    def _encode(self, xy):
+        import numpy as np
+
+        coords = np.asarray(xy, np.float32) + np.float32(0.5)  # pixel centres
+        coords = coords / np.array([self.size_hw[1], self.size_hw[0]], np.float32)
+        coords = (np.float32(2) * coords - np.float32(1)) @ self.gaussian
+        coords = np.float32(2 * math.pi) * coords
+        return np.concatenate([np.sin(coords), np.cos(coords)], axis=-1)
+
+    def __call__(self, box_xy_model=None, points_xy_model=None, point_labels=None):
+        """(1, N, C) float32: the points (padded with a not-a-point when there is no box), then the box corners."""
+        import numpy as np
+
+        parts = []
+        if points_xy_model is not None and len(points_xy_model):
+            xy = np.asarray(points_xy_model, np.float32).reshape(-1, 2)
+            labels = np.asarray(point_labels, np.int64).reshape(-1)
+            if box_xy_model is None:
+                xy, labels = np.concatenate([xy, np.zeros((1, 2), np.float32) - 0.5]), np.append(labels, -1)
+            emb = self._encode(xy)
+            emb[labels == -1] = self.not_a_point
+            emb[labels == 0] += self.point[0]
+            emb[labels == 1] += self.point[1]
+            parts.append(emb)
+        if box_xy_model is not None:
+            emb = self._encode(np.asarray(box_xy_model, np.float32).reshape(2, 2))
+            emb[0] += self.point[2][0]
+            emb[1] += self.point[3][0]
+            parts.append(emb)
+        out = np.concatenate(parts, axis=0) if parts else np.zeros((0, self.gaussian.shape[1] * 2), np.float32)
+        return np.ascontiguousarray(out[None], dtype=np.float32)

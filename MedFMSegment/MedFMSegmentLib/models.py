@@ -162,6 +162,7 @@ class PromptableModel:
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
     _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask input
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
+    _prompts_np: Optional[Callable] = field(default=None, repr=False)  # decoder_export.SparsePrompts, made at first use
 
     @property
     def input_size(self) -> int:
@@ -203,6 +204,14 @@ class PromptableModel:
                     self._encoder = self.net.image_encoder
             return self._encoder
 
+    def sparse_prompts(self, box_xy_model=None, points_xy_model=None, point_labels=None) -> np.ndarray:
+        """The prompt encoder's sparse tokens (1, N, C) for one prompt, computed in numpy (CPU models)."""
+        if self._prompts_np is None:
+            from .decoder_export import SparsePrompts
+
+            self._prompts_np = SparsePrompts(self.net.prompt_encoder)
+        return self._prompts_np(box_xy_model, points_xy_model, point_labels)
+
     def _decoder_unmodified(self) -> bool:
         return _module_count(self.net.mask_decoder) == self._decoder_signature
 
@@ -218,6 +227,13 @@ class PromptableModel:
         does so without an adapter; the default is the torch decoder, bitwise stable for callers
         that compare outputs before and after attaching adapters (training, its tests).
         """
+        if (fast and self._fast_decoder is not None and mask_logits is None and self._decoder_unmodified()
+                and (box_xy_model is not None or (points_xy_model is not None and len(points_xy_model)))):
+            # the export has the no-mask dense embedding built in; the prompt tokens come from numpy
+            pick = [1, 2, 3] if multimask else [0]
+            sparse = self.sparse_prompts(box_xy_model, points_xy_model, point_labels)
+            masks, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse, pick)
+            return torch.from_numpy(masks), iou
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         boxes = points = None
         if box_xy_model is not None:
@@ -228,11 +244,6 @@ class PromptableModel:
             points = (coords, labels)
         masks = mask_logits[None, None] if mask_logits is not None and mask_logits.dim() == 2 else mask_logits
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-        if (fast and self._fast_decoder is not None and masks is None and sparse.shape[1] > 0
-                and self._decoder_unmodified()):  # the export has the no-mask dense embedding built in
-            pick = [1, 2, 3] if multimask else [0]
-            masks, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(), pick)
-            return torch.from_numpy(masks), iou
         logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                          multimask_output=multimask)

@@ -180,7 +180,8 @@ def timed_split(model, acc: dict):
     saved = [wrap(session_module, "model_to_slice", "resample"),
              wrap(session_module, "keep_components_touching", "components"),
              wrap(session_module.PromptSession, "embedding", "embedding"),
-             wrap(model.net.prompt_encoder, "forward", "prompt_encoder"),
+             wrap(model.net.prompt_encoder, "forward", "prompt_encoder"),  # the torch path
+             wrap(model, "sparse_prompts", "prompt_encoder"),  # the fast path (numpy)
              wrap(*decoder_owner, "decoder")]
     try:
         yield acc
