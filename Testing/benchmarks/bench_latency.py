@@ -1,7 +1,7 @@
 """Latency benchmark: every encoder runtime x precision on this machine, in one run; prints JSON.
 
     python Testing/benchmarks/bench_latency.py [--slices 6] [--rounds 3] [--threads 1 2] [--e2e-slices 40]
-                                               [--compile] [--slow-bf16] [--out FILE]
+                                               [--compile] [--slow-bf16] [--p2m-only] [--out FILE]
 
 At the top: the CPU model and ISA flags. Per thread count, rounds interleaved (each round runs every
 runtime over the same slices, in turn):
@@ -9,7 +9,10 @@ runtime over the same slices, in turn):
 - max abs embedding difference and mask agreement (Dice of the masks from each slice's box) with
   torch fp32; ground-truth Dice on the shared data (deep-grey structures, +5 px boxes) beside the
   ellipse-in-box baseline;
-- prompt-to-mask with a cached embedding (a second box on an encoded slice), median;
+- prompt-to-mask with a cached embedding (a second box on an encoded slice): median wall and CPU time per
+  call, split into the embedding from the cache, the prompt encoder, the decoder, resampling the logits to the
+  slice, the kept components and the rest; ``--p2m-only``: only this, for the automatic runtime, on real slices
+  of the four datasets, per ``--threads`` (``--cache-dir`` to reuse an export cache);
 - the one-time export + check cost (into a fresh cache folder) and the resident size after loading;
 - ``--memory`` / ``--memory-only``: the one-time export of the automatic runtime (timed), then a 512x512x300 CT
   session in a fresh process, its resident size after each step (imports, model, volume, prompts, full cache).
