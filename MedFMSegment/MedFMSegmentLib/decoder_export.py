@@ -18,11 +18,11 @@ products, exact in real arithmetic):
   projection is applied to the N values before the attention (``sum_h P_h (V_h W_o,h^T)``).
 
 The image tokens stay channel-first (``(256, 4096)``, the embedding's own layout) throughout, so no
-4,096-token transposes (graph "folded-2" transposed the embedding first: 7 ms of its ~45 ms CPU on one
-thread), and the upscaling's masks leave the graph in its blocked pixel order (:func:`unblock_masks` puts
-the one a caller wants in image order in numpy); the final token-to-image attention runs only for the 5
-tokens read after it; the prompt-independent terms (the positional encoding, the no-mask dense
-embedding) are constants of the graph, not inputs to copy per call.
+4,096-token transposes (graph "folded-2" transposed the embedding first: ~8 % of its time, its largest
+node after the products); the upscaling's masks leave the graph in their blocked pixel order
+(:func:`unblock_masks` puts the one a caller wants in image order, in numpy); the final token-to-image
+attention runs only for the 5 tokens read after it; the prompt-independent terms (the positional
+encoding, the no-mask dense embedding) are constants of the graph, not inputs to copy per call.
 """
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ class FoldedDecoder(nn.Module):
         masks = _upscaled_masks(md.output_upscaling, keys, hyper_in)
         if not self.blocked:
             m = masks.shape[3]
-            masks = masks.reshape(b, 2, 2, 2, 2, m, hh, ww).permute(0, 5, 6, 1, 3, 7, 2, 4).reshape(b, m, 4 * hh, 4 * ww)
+            masks = masks.reshape(b, 2, 2, 2, 2, m, hh, ww).permute(0, 5, 6, 1, 3, 7, 2, 4)  # b m y dy dy2 x dx dx2
+            masks = masks.reshape(b, m, 4 * hh, 4 * ww)
         return masks, md.iou_prediction_head(iou_token_out)
 
 

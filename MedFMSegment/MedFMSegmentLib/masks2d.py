@@ -25,7 +25,7 @@ def keep_components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray
         return mask
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # every component lies in the mask's box
-    if not (mask[box].astype(bool) & ~region[box].astype(bool)).any():  # all of it inside the region: every component touches it
+    if not (mask[box].astype(bool) & ~region[box].astype(bool)).any():  # inside the region: all components touch it
         return (mask != 0).astype(np.uint8)
     lab = _components(mask[box])
     keep = np.unique(lab[region[box] & (lab > 0)])

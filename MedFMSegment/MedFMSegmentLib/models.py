@@ -160,7 +160,7 @@ class PromptableModel:
     _encoder: Optional[Callable] = field(default=None, repr=False)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
-    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask input
+    _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask in
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
     _prompts_np: Optional[Callable] = field(default=None, repr=False)  # decoder_export.SparsePrompts, made at first use
 
