@@ -200,7 +200,8 @@ def prompt_to_mask(args, loaded, volume, inputs, names=("torch_eager_fp32", "ope
     """A second, slightly smaller box on an already encoded slice (decoder + postprocessing only): median wall
     and CPU time (``time.process_time``: all of the process's threads) per call, split by stage (the embedding
     from the cache, the prompt encoder, the decoder, resampling the logits to the slice, the kept components;
-    "other": the rest, Python and the session's bookkeeping); rounds interleaved over the sessions."""
+    "other": the rest, Python and the session's bookkeeping); rounds interleaved over the sessions. Each slice
+    then gets a third box at once (``repeat``: the user adjusting a box on the slice they look at)."""
     out = {}
     sessions = {}
     for name in names:
@@ -212,24 +213,29 @@ def prompt_to_mask(args, loaded, volume, inputs, names=("torch_eager_fp32", "ope
                 for _, index, box, _, _, _ in cases_:
                     s.add_box("axial", index, box)
                 sessions[name].append((s, cases_))
-    rows = {name: [] for name in sessions}
+    rows = {(name, kind): [] for name in sessions for kind in ("first", "repeat")}
     for _ in range(args.rounds):
         for name, pairs in sessions.items():
             for s, cases_ in pairs:
                 for _, index, (x0, y0, x1, y1), _, _, _ in cases_:
-                    acc = {}
-                    with timed_split(loaded[name], acc):
-                        t, c = time.perf_counter(), time.process_time()
-                        s.add_box("axial", index, (x0 + 1, y0 + 1, x1 - 1, y1 - 1))
-                        total = [time.perf_counter() - t, time.process_time() - c]
-                    acc["other"] = [total[i] - sum(v[i] for v in acc.values()) for i in (0, 1)]
-                    acc["total"] = total
-                    rows[name].append(acc)
-    for name, rs in rows.items():
-        med = lambda key, i: round(1000 * statistics.median(r.get(key, [0.0, 0.0])[i] for r in rs), 2)  # noqa: E731
-        out[name] = {"median_ms": med("total", 0), "median_cpu_ms": med("total", 1), "calls": len(rs),
+                    for kind, d in (("first", 1), ("repeat", 2)):
+                        acc = {}
+                        with timed_split(loaded[name], acc):
+                            t, c = time.perf_counter(), time.process_time()
+                            s.add_box("axial", index, (x0 + d, y0 + d, x1 - d, y1 - d))
+                            total = [time.perf_counter() - t, time.process_time() - c]
+                        acc["other"] = [total[i] - sum(v[i] for v in acc.values()) for i in (0, 1)]
+                        acc["total"] = total
+                        rows[name, kind].append(acc)
+    for name in sessions:
+        rs, rep = rows[name, "first"], rows[name, "repeat"]
+        med = lambda rs, key, i: round(1000 * statistics.median(r.get(key, [0.0, 0.0])[i] for r in rs), 2)  # noqa: E731
+        out[name] = {"median_ms": med(rs, "total", 0), "median_cpu_ms": med(rs, "total", 1), "calls": len(rs),
                      "decoder": loaded[name].runtime_info["decoder"],
-                     "split_median_ms": {k: {"wall": med(k, 0), "cpu": med(k, 1)} for k in SPLIT + ("other",)},
+                     "split_median_ms": {k: {"wall": med(rs, k, 0), "cpu": med(rs, k, 1)} for k in SPLIT + ("other",)},
+                     "repeat_median_ms": med(rep, "total", 0), "repeat_median_cpu_ms": med(rep, "total", 1),
+                     "repeat_split_median_ms": {k: {"wall": med(rep, k, 0), "cpu": med(rep, k, 1)}
+                                                for k in SPLIT + ("other",)},
                      "load_average": list(os.getloadavg())}
     for pairs in sessions.values():
         for s, _ in pairs:
@@ -254,7 +260,7 @@ def p2m_rounds(args, threads: int, cache_root: Path) -> dict:
     torch.set_num_threads(threads)
     m = models.load_model("litemedsam", runtime="auto", threads=threads, cache_dir=cache_root)
     res = prompt_to_mask(args, {"auto": m}, p2m_cases(), None, names=("auto",))["auto"]
-    res["runtime_info"] = {k: v for k, v in m.runtime_info.items() if k in ("runtime", "precision", "decoder", "threads")}
+    res["runtime_info"] = {k: m.runtime_info.get(k) for k in ("runtime", "precision", "decoder", "threads")}
     return res
 
 
