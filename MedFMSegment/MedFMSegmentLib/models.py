@@ -515,6 +515,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
     from . import runtimes
 
     compiled = {}
+    shape = tuple(probe.input.shape)  # (1, 3, S, S): the only input the session gives it
 
     def timed(ov_model):
         t = time.perf_counter()
@@ -525,7 +526,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
         t0 = time.perf_counter()
         xml = runtimes.export_openvino(_EncoderInput(model.net.image_encoder), (probe.input,), folder)
         convert_s = time.perf_counter() - t0
-        ov_model = runtimes.OpenVINOModel(xml, prec, threads)
+        ov_model = runtimes.OpenVINOModel(xml, prec, threads, shape)
         timed(ov_model)  # first call: allocations
         out, seconds = timed(ov_model)
         emb = torch.from_numpy(out)
@@ -533,14 +534,14 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
                  "agreement_dice": runtimes.mask_agreement(probe.logits, _probe_masks(model, emb)),
                  "seconds": round(seconds, 4), "threads": threads}
         if prec == "bf16":
-            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads)
+            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads, shape)
             timed(fp32)
             check["fp32_seconds"] = round(timed(fp32)[1], 4)
         compiled["model"] = ov_model
         return {"check": check, "convert_seconds": round(convert_s, 2)}
 
     entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
-    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads)
+    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape)
     return ov_model, entry, manifest, seconds
 
 

@@ -2,7 +2,7 @@
 
 ``SparsePromptEncoder`` computes what segment-anything's ``PromptEncoder.forward(points, boxes, masks=None)``
 returns as its sparse embeddings, with the same torch operations in the same order on the same weights
-(bitwise equal: ``Testing/Python/test_lazy_model.py``). It needs only 6 small tensors (1.5 K numbers),
+(bitwise equal: ``Testing/Python/test_memory.py``). It needs only 6 small tensors (1.5 K numbers),
 read from the checkpoint without building the network, so a model whose encoder and decoder both run
 from cached OpenVINO exports never imports segment-anything, timm or torchvision, nor holds the torch
 weights (``models.load_model``). Operations mirror segment_anything/modeling/prompt_encoder.py (Apache-2.0).

@@ -1,11 +1,14 @@
-"""A model whose encoder and decoder run from cached OpenVINO exports builds no torch network.
+"""Memory: a model whose encoder and decoder run from cached OpenVINO exports builds no torch network,
+and its encoder is compiled for its one input shape.
 
 - ``SparsePromptEncoder`` (6 tensors of the checkpoint) is bitwise segment-anything's prompt encoder;
 - loaded again from the cache, the model imports no timm / torchvision / segment-anything and holds no
   torch weights, and a real CT session (boxes, clicks, propagation) gives bitwise the same masks and
   scores as the same model with its torch network built;
 - the network is built when something needs it (an adapter's modified decoder, a mask input), and
-  the exported decoder is then used only while the torch decoder is unmodified.
+  the exported decoder is then used only while the torch decoder is unmodified;
+- the encoder compiled for (1, 3, 256, 256) gives bitwise the embeddings of the exported dynamic graph on
+  real MR and CT slices.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from MedFMSegmentLib import models
+from MedFMSegmentLib import models, runtimes
+from MedFMSegmentLib.preprocess import slice_to_model
 from MedFMSegmentLib.prompt_encoding import SparsePromptEncoder
 from MedFMSegmentLib.propagate import propagate
 from MedFMSegmentLib.session import PromptSession
@@ -120,3 +124,21 @@ def test_the_net_is_built_when_needed_and_a_modified_decoder_wins(lazy):
     assert torch.equal(got, lazy.decode(emb, box_xy_model=box, fast=False)[0])
     masked, _ = lazy.decode(emb, box_xy_model=box, mask_logits=torch.zeros(256, 256), fast=True)  # a mask input
     assert masked.shape == (1, 256, 256)
+
+
+def test_the_static_shape_encoder_gives_bitwise_the_dynamic_graphs_embeddings(lazy, colin27, cranium_ct):
+    entry = Path(lazy.runtime_info["exports"]["encoder_fp32"]["cache"])
+    dynamic = runtimes.OpenVINOModel(entry / "model.xml", "fp32", lazy._fast_encoder.threads)
+    n = 0
+    for volume, boxes in ((colin27, ((60, 70, 120, 130), (20, 20, 160, 200))),
+                          (cranium_ct, ((60, 50, 200, 210), (110, 100, 140, 130)))):
+        s = PromptSession(lazy)
+        s.set_volume(*volume)
+        for k in np.linspace(10, volume[0].shape[0] - 10, 4).astype(int):
+            for box in boxes:
+                crop = s.crop_for("axial", box, int(k))
+                x = lazy.model_input(slice_to_model(s.normalised_slice("axial", int(k), crop.preset), crop)).numpy()
+                assert np.array_equal(lazy._fast_encoder(x)[0], dynamic(x)[0])
+                n += 1
+        s.close()
+    assert n == 16
