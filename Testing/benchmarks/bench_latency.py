@@ -180,7 +180,7 @@ import json, os, resource, sys
 sys.path[:0] = {paths!r}
 import psutil
 rss = lambda: round(psutil.Process().memory_info().rss / 2**20, 1)
-HEAVY = ("torch", "torchvision", "timm", "segment_anything", "openvino")
+HEAVY = ("torch", "torchvision", "timm", "segment_anything", "openvino", "SimpleITK")
 steps, imported = {{"python": rss()}}, {{}}
 def step(name):
     steps[name] = rss()
