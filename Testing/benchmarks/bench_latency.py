@@ -14,7 +14,8 @@ runtime over the same slices, in turn):
 - ``--memory`` / ``--memory-only``: the one-time export of the automatic runtime (timed), then a 512x512x300 CT
   session in a fresh process (1 thread), its resident size after each step (imports, model, volume, prompts,
   full cache), the heavy modules imported by then (torch, timm, ...) and a digest of its masks;
-  ``--memory-code TREE``: also another source tree (e.g. an export of main), interleaved, for a before / after.
+  ``--memory-code TREE``: also another source tree (e.g. an export of main), interleaved, for a before / after,
+  and each tree's masks on real sessions (chest CT aorta, Colin27 Thalamus_L), to compare them bitwise.
 bf16 is measured only on CPUs with native bf16 (``--slow-bf16`` forces it: 5-6x slower on AVX2).
 Also: fp16 storage of embeddings (mask agreement with fp32), and end to end, the 40-slice structures
 (Hippocampus_L ROI on Colin27; the chest CT aorta, 40 axial slices) with today's default (torch eager
@@ -239,6 +240,57 @@ def memory(cache_root: Path, runtime: str = "auto", code: Optional[Path] = None)
     return out
 
 
+REAL_PROBE = r"""
+import hashlib, json, sys
+sys.path[:0] = {paths!r}
+import numpy as np
+from MedFMSegmentLib import io, models
+from MedFMSegmentLib.propagate import propagate
+from MedFMSegmentLib.session import PromptSession
+data = {data!r}
+m = models.load_model("litemedsam", runtime="auto", threads=1, cache_dir={cache!r})
+digest, voxels = hashlib.sha256(), []
+def keep(mask):
+    digest.update(np.ascontiguousarray(mask).tobytes())
+    voxels.append(int(np.count_nonzero(mask)))
+for image, label, value in (("chest_ct/chest_ct.nii.gz", "chest_ct/aorta.nii.gz", None),
+                            ("colin27/ch2.nii.gz", "colin27/aal.nii.gz", 77)):
+    vol, ijk_to_ras = io.read_volume(data + "/" + image)
+    lab = io.read_volume(data + "/" + label)[0]
+    gt = lab > 0 if value is None else lab == value
+    ks = np.flatnonzero(gt.any(axis=(1, 2)))
+    k = int(ks[len(ks) // 2])
+    ys, xs = np.nonzero(gt[k])
+    box = (max(xs.min() - 5, 0), max(ys.min() - 5, 0), xs.max() + 5, ys.max() + 5)
+    s = PromptSession(m)
+    s.set_volume(vol, ijk_to_ras)
+    first = s.add_box("axial", k, box).mask
+    keep(first)
+    y, x = np.argwhere(first)[0]  # a negative click on the mask's first pixel: a local cut
+    keep(s.add_point(axis="axial", index=k, xy_slice=(float(x), float(y)), positive=False).mask)
+    keep(s.add_box("axial", k + 2, box).mask)
+    keep(propagate(s, axis="axial", limits=(k - 6, k + 6)).mask)
+    s.close()
+print(json.dumps({{"masks_sha256": digest.hexdigest()[:16], "mask_voxels": voxels,
+                  "torch_model_built": getattr(m, "torch_net_built", True)}}))
+"""
+
+
+def real_masks(cache_root: Path, code: Optional[Path] = None) -> dict:
+    """Masks of real sessions (the chest CT aorta, Colin27 Thalamus_L: boxes, a negative click, propagation over
+    13 slices) in a fresh process: their digest, to compare two source trees bitwise."""
+    import subprocess
+
+    root = Path(code) if code is not None else HERE.parents[1]
+    script = REAL_PROBE.format(paths=[str(root / "MedFMSegment"), str(root / "MedFMTrain")], data=str(D.DATA),
+                               cache=str(cache_root))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDFM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None) -> dict:
     torch.set_num_threads(threads)
     vols, structs = D.volumes(), D.structures()
@@ -354,6 +406,9 @@ def main(argv=None):
                 for name, code in trees.items():
                     runs[name].append(memory(cache_root, code=code))
                     save()
+            if args.memory_code:  # the same masks on real data, tree by tree
+                result["real_masks"] = {name: real_masks(cache_root, code) for name, code in trees.items()}
+                save()
             save()
             if args.memory_only:
                 print(json.dumps(result, indent=1, default=str))
