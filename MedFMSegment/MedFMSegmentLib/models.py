@@ -541,6 +541,8 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
         return {"check": check, "convert_seconds": round(convert_s, 2)}
 
     entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
+    if not runtimes.check_passed(manifest.get("check", {}), prec):  # refused (bf16 here): not compiled for nothing
+        return None, entry, manifest, seconds
     ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape)
     return ov_model, entry, manifest, seconds
 
