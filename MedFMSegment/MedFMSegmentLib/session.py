@@ -43,7 +43,8 @@ from .errors import InputError
 from .masks2d import _components, _cut_at, _point_region, keep_components_touching, remove_pixel  # noqa: F401
 from .models import PromptableModel, load_model
 from .preprocess import (CT_PER_BOX, CT_PER_BOX_PRIMARY, PRESETS, Crop, box_crop, ct_preset_for_box, full_slice_crop,
-                         guess_modality, map_slice, model_to_slice, normalise_volume, slice_to_model, validate_volume)
+                         guess_modality, intensity_range, map_slice, model_to_slice, normalise_volume, resolve_preset,
+                         slice_to_model, validate_volume)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ class PromptSession:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._futures: Dict[tuple, Future] = {}
         self._futures_lock = threading.Lock()
-        self._volume_u8: Optional[np.ndarray] = None
+        self._volume_u8: Optional[np.ndarray] = None  # the volume mapped to uint8 (None: mapped per slice from _raw)
+        self._shape: Optional[Tuple[int, int, int]] = None
         self._raw: Optional[np.ndarray] = None  # the caller's CT array (a reference) when the window is per box
         self._token = None
         self._states: Dict[SliceKey, SliceState] = {}
@@ -144,7 +146,8 @@ class PromptSession:
 
         A CT with the default preset (None / ``"auto"``) gets its window per box (``preset`` is then
         ``"ct-per-box"``, see ``SessionConfig.ct_window_per_box``); the session keeps a reference to the
-        array (no copy) to apply the other window to the slices that need it.
+        array (no copy) and maps each slice from it when the model needs one (no uint8 copy of the volume:
+        the same numbers as ``normalise_volume``, 1 byte per voxel less resident).
         On error the session keeps its previous volume and prompts.
         """
         matrix = geometry.check_matrix(ijk_to_ras)
@@ -153,13 +156,18 @@ class PromptSession:
             checked = validate_volume(array_kji)
             if guess_modality(checked) == "ct":
                 raw, preset = checked, CT_PER_BOX_PRIMARY
-        volume_u8, p, window = normalise_volume(array_kji, preset)
+        if raw is not None:  # every slice mapped on demand from the raw array (see normalised_slice)
+            volume_u8, p = None, resolve_preset(preset, raw)
+            window, shape = intensity_range(raw, p), raw.shape
+        else:
+            volume_u8, p, window = normalise_volume(array_kji, preset)
+            shape = volume_u8.shape
         self.cancel_prefetch()
         self._volume_u8, self.ijk_to_ras, self.preset, self.window = volume_u8, matrix, p.name, window
-        self._raw = raw
+        self._raw, self._shape = raw, tuple(int(n) for n in shape)
         if raw is not None:
             self.preset = CT_PER_BOX
-        self._token = (next(self._tokens), id(volume_u8))
+        self._token = (next(self._tokens), id(raw if volume_u8 is None else volume_u8))
         self._states.clear()
         self._history.clear()
         self._windows.clear()
@@ -168,7 +176,7 @@ class PromptSession:
     @property
     def shape(self) -> Tuple[int, int, int]:
         self._require_volume()
-        return tuple(self._volume_u8.shape)
+        return self._shape
 
     def normalised_slice(self, axis: str, index: int, preset: Optional[str] = None) -> np.ndarray:
         """The uint8 slice the model sees (after the intensity preset), on the volume grid.
@@ -176,9 +184,10 @@ class PromptSession:
         ``preset``: a window chosen per box (``Crop.preset``); None: the volume's own mapping.
         """
         self._require_volume()
-        if preset is None or self._raw is None or preset == CT_PER_BOX_PRIMARY:
+        if self._volume_u8 is not None and (preset is None or self._raw is None or preset == CT_PER_BOX_PRIMARY):
             return geometry.get_slice(self._volume_u8, axis, index)
-        return map_slice(geometry.get_slice(self._raw, axis, index), PRESETS[preset].window)
+        window = self.window if preset is None or preset == CT_PER_BOX_PRIMARY else PRESETS[preset].window
+        return map_slice(geometry.get_slice(self._raw, axis, index), window)
 
     def preset_for(self, axis: str, index: int, box_xy: Optional[BoxXY]) -> Optional[str]:
         """The intensity preset a box on a slice is seen with: None unless the window is per box."""
@@ -189,7 +198,7 @@ class PromptSession:
         return ct_preset_for_box(geometry.get_slice(self._raw, axis, index), box_xy)
 
     def _require_volume(self):
-        if self._volume_u8 is None:
+        if self._shape is None:
             raise InputError("no volume: call set_volume(array_kji, ijk_to_ras) first")
 
     # --------------------------------------------------------------- encoding
@@ -199,7 +208,7 @@ class PromptSession:
     def crop_for(self, axis: str, box_xy: Optional[BoxXY], index: Optional[int] = None) -> Crop:
         """The model-input window for a prompt: zoomed on the box, or the whole slice; with the CT window
         per box, the box on slice ``index`` also chooses the window (``Crop.preset``; no index: soft tissue)."""
-        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        shape = geometry.slice_shape(self._shape, axis)
         size = self.model.input_size
         if box_xy is None or not self.config.zoom:
             crop = full_slice_crop(shape, self._pixel_spacing(axis), size)
@@ -275,12 +284,12 @@ class PromptSession:
         """
         self._require_volume()
         geometry.check_axis(axis)
-        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        index = geometry.check_index(self._shape, axis, index)
         if not self.config.reuse_window:
             return
         last = self._last_index.get(axis)
         self._last_index[axis] = index
-        n = geometry.num_slices(self._volume_u8.shape, axis)
+        n = geometry.num_slices(self._shape, axis)
         walking = walking and last is not None and last != index
         steps = [int(np.sign(index - last))] if walking else [-1, 1]
         if len(steps) == 1:
@@ -298,7 +307,7 @@ class PromptSession:
         """Encode slices in the background (one worker thread); returns futures that can be cancelled."""
         self._require_volume()
         geometry.check_axis(axis)
-        checked = [geometry.check_index(self._volume_u8.shape, axis, index) for index in indices]  # all, first
+        checked = [geometry.check_index(self._shape, axis, index) for index in indices]  # all, first
         if not checked:
             return []
         crop = self.crop_for(axis, None if box_xy is None else self._check_box(axis, checked[0], box_xy), checked[0])
@@ -361,7 +370,7 @@ class PromptSession:
             raise InputError(f"box {box_xy!r} contains NaN or inf")
         if x1 < x0 or y1 < y0:
             raise InputError(f"box {box_xy!r} is inverted: need x0 <= x1 and y0 <= y1")
-        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        h, w = geometry.slice_shape(self._shape, axis)
         if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
             raise InputError(f"box {box_xy!r} lies outside the {axis} slice {index} (x 0..{w - 1}, y 0..{h - 1})")
         if x0 < 0 or y0 < 0 or x1 > w - 1 or y1 > h - 1:
@@ -386,7 +395,7 @@ class PromptSession:
         ctx = self.adapter.applied(self.model) if self.adapter is not None else contextlib.nullcontext()
         with ctx:
             logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input, fast=self.adapter is None)
-        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        shape = geometry.slice_shape(self._shape, axis)
         logits = model_to_slice(logits_model[0], crop, shape)
         mask = (logits > self.config.mask_threshold).astype(np.uint8)
         if box_xy is not None and self.config.keep_component_in_box:
@@ -402,7 +411,7 @@ class PromptSession:
     def segment_box(self, axis: str, index: int, box_xy) -> SliceResult:
         """Segment a slice from a box without recording it as a prompt (used by propagation)."""
         self._require_volume()
-        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        index = geometry.check_index(self._shape, axis, index)
         box = self._check_box(axis, index, box_xy)
         crop = self._window(axis, index, box)
         self.look_ahead(axis, index, crop, walking=True)
@@ -414,7 +423,7 @@ class PromptSession:
         """Prompt a slice with a box (inclusive slice-pixel corners x0, y0, x1, y1); replaces its box."""
         self._require_volume()
         geometry.check_axis(axis)
-        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        index = geometry.check_index(self._shape, axis, index)
         box = self._check_box(axis, index, box_xy)
         key = (axis, index)
         state = self._editable_state(key)
@@ -433,8 +442,8 @@ class PromptSession:
             index, xy_slice = geometry.ijk_to_slice(p, axis)
         elif index is None or xy_slice is None:
             raise InputError("add_point needs ijk=(i, j, k) or index= and xy_slice=(x, y)")
-        index = geometry.check_index(self._volume_u8.shape, axis, int(index))
-        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        index = geometry.check_index(self._shape, axis, int(index))
+        h, w = geometry.slice_shape(self._shape, axis)
         x, y = (float(v) for v in xy_slice)
         if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
             raise InputError(f"point {ijk if ijk is not None else xy_slice} lies outside the {axis} slice "
@@ -453,7 +462,7 @@ class PromptSession:
     def _run(self, key: SliceKey, state: SliceState) -> SliceResult:
         axis, index = key
         if state.box_xy is None:  # only negative clicks so far: nothing to segment
-            mask, score = np.zeros(geometry.slice_shape(self._volume_u8.shape, axis), np.uint8), 0.0
+            mask, score = np.zeros(geometry.slice_shape(self._shape, axis), np.uint8), 0.0
         else:
             if state.crop is None:
                 state.crop = self._window(axis, index, state.box_xy)
@@ -479,9 +488,9 @@ class PromptSession:
         """
         self._require_volume()
         geometry.check_axis(axis)
-        index = geometry.check_index(self._volume_u8.shape, axis, index)
+        index = geometry.check_index(self._shape, axis, index)
         m = np.asarray(mask)
-        shape = geometry.slice_shape(self._volume_u8.shape, axis)
+        shape = geometry.slice_shape(self._shape, axis)
         if m.shape != tuple(shape):
             raise InputError(f"mask for {axis} slice {index} has shape {m.shape}, the slice is {tuple(shape)}")
         if not (m.dtype == bool or np.issubdtype(m.dtype, np.integer)):
@@ -504,7 +513,7 @@ class PromptSession:
     def _box_after_click(self, axis, index, state: SliceState, xy, positive: bool) -> Optional[BoxXY]:
         """Turn a click into the box a box-trained model needs (see module docstring)."""
         x, y = xy
-        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        h, w = geometry.slice_shape(self._shape, axis)
         mx, my = self._mm_to_px(axis, self.config.click_margin_mm)
         box, mask = state.box_xy, state.mask
         if box is None:
@@ -564,7 +573,7 @@ class PromptSession:
         box fitted).
         """
         x, y = xy
-        h, w = geometry.slice_shape(self._volume_u8.shape, axis)
+        h, w = geometry.slice_shape(self._shape, axis)
         sizes = self.config.click_box_sizes_mm
         big = max(sizes)
         hx, hy = self._mm_to_px(axis, big / 2)
@@ -634,7 +643,7 @@ class PromptSession:
     def mask_volume(self) -> np.ndarray:
         """The prompted slices' masks pasted into a uint8 ``[k, j, i]`` volume."""
         self._require_volume()
-        out = np.zeros(self._volume_u8.shape, np.uint8)
+        out = np.zeros(self._shape, np.uint8)
         for (axis, index), st in self._states.items():
             if st.mask is not None:
                 geometry.get_slice(out, axis, index)[st.mask > 0] = 1

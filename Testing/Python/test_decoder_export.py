@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from MedFMSegmentLib import geometry, models, runtimes
-from MedFMSegmentLib.decoder_export import FoldedDecoder, SparsePrompts, unblock_masks
+from MedFMSegmentLib.decoder_export import FoldedDecoder, unblock_masks
 from MedFMSegmentLib.preprocess import model_to_slice, slice_to_model
 from MedFMSegmentLib.session import PromptSession
 
@@ -81,21 +81,6 @@ def test_the_blocked_masks_unblock_to_the_image_order(litemedsam, real_embedding
         got = unblock_masks(b_masks.numpy(), pick, (64, 64))
         assert got.shape == (len(pick), 256, 256) and got.flags["C_CONTIGUOUS"]
         assert np.array_equal(got, masks[0, pick].numpy())
-
-
-def test_the_numpy_prompt_tokens_equal_the_prompt_encoders(litemedsam):
-    pe = litemedsam.net.prompt_encoder
-    ours = SparsePrompts(pe)
-    box, pts, labels = (31.5, 40.0, 180.25, 201.0), [(100.0, 120.5), (60.0, 70.0), (0.0, 255.0)], [1, 0, 1]
-    for kw in (dict(box=box), dict(pts=pts, labels=labels), dict(box=box, pts=pts[:2], labels=labels[:2]),
-               dict(pts=pts[1:2], labels=[0])):
-        with torch.inference_mode():
-            points = None if "pts" not in kw else (torch.tensor([kw["pts"]]), torch.tensor([kw["labels"]]))
-            boxes = None if "box" not in kw else torch.tensor([kw["box"]])
-            ref, _ = pe(points=points, boxes=boxes, masks=None)
-        got = ours(kw.get("box"), kw.get("pts"), kw.get("labels"))
-        assert got.dtype == np.float32 and got.shape == tuple(ref.shape)
-        assert np.abs(got - ref.numpy()).max() <= 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,24 @@ def test_session_encodes_a_slice_once_per_window_its_boxes_choose(litemedsam, cr
     for preset in ("ct-full", "ct-soft-tissue"):  # the slice each window shows is the volume mapped that way
         assert np.array_equal(s.normalised_slice("axial", k, preset), normalise_volume(head[k:k + 1], preset)[0][0])
     s.close()
+
+
+def test_a_ct_session_maps_slices_on_demand_exactly_as_the_volume_mapping(litemedsam, cranium_ct):
+    """CT with the window per box keeps no uint8 copy of the volume: every slice of every axis is mapped from
+    the raw array when needed, bitwise as ``normalise_volume`` maps the whole volume (real head CT)."""
+    from MedFMSegmentLib import geometry
+
+    raw, m = cranium_ct
+    s = PromptSession(litemedsam)
+    s.set_volume(raw, m)
+    assert s.preset == "ct-per-box" and s._volume_u8 is None and s.shape == raw.shape
+    for name in ("ct-soft-tissue", "ct-full"):
+        whole = normalise_volume(raw, name)[0]
+        for axis in ("axial", "coronal", "sagittal"):
+            n = geometry.num_slices(raw.shape, axis)
+            for index in (0, n // 3, n // 2, n - 1):
+                got = s.normalised_slice(axis, index, name)
+                assert got.dtype == np.uint8 and np.array_equal(got, geometry.get_slice(whole, axis, index))
+                if name == "ct-soft-tissue":
+                    assert np.array_equal(s.normalised_slice(axis, index), got)
+    s.close()

@@ -15,7 +15,10 @@ runtime over the same slices, in turn):
   of the four datasets, per ``--threads`` (``--cache-dir`` to reuse an export cache);
 - the one-time export + check cost (into a fresh cache folder) and the resident size after loading;
 - ``--memory`` / ``--memory-only``: the one-time export of the automatic runtime (timed), then a 512x512x300 CT
-  session in a fresh process, its resident size after each step (imports, model, volume, prompts, full cache).
+  session in a fresh process (1 thread), its resident size after each step (imports, model, volume, prompts,
+  full cache), the heavy modules imported by then (torch, timm, ...) and a digest of its masks;
+  ``--memory-code TREE``: also another source tree (e.g. an export of main), interleaved, for a before / after,
+  and each tree's masks on real sessions (chest CT aorta, Colin27 Thalamus_L), to compare them bitwise.
 bf16 is measured only on CPUs with native bf16 (``--slow-bf16`` forces it: 5-6x slower on AVX2).
 Also: fp16 storage of embeddings (mask agreement with fp32), and end to end, the 40-slice structures
 (Hippocampus_L ROI on Colin27; the chest CT aorta, 40 axial slices) with today's default (torch eager
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -183,8 +187,9 @@ def timed_split(model, acc: dict):
     saved = [wrap(session_module, "model_to_slice", "resample"),
              wrap(session_module, "keep_components_touching", "components"),
              wrap(session_module.PromptSession, "embedding", "embedding"),
-             wrap(model.net.prompt_encoder, "forward", "prompt_encoder"),  # the torch path
-             wrap(model, "sparse_prompts", "prompt_encoder"),  # the fast path (numpy)
+             # the light prompt encoder (no torch net), else the net's
+             wrap(model, "_prompt_encoder", "prompt_encoder") if model._prompt_encoder is not None
+             else wrap(model.net.prompt_encoder, "forward", "prompt_encoder"),
              wrap(*decoder_owner, "decoder")]
     try:
         yield acc
@@ -265,53 +270,118 @@ def p2m_rounds(args, threads: int, cache_root: Path) -> dict:
 
 
 MEMORY_PROBE = r"""
-import json, resource, sys
+import json, os, resource, sys
 sys.path[:0] = {paths!r}
 import psutil
 rss = lambda: round(psutil.Process().memory_info().rss / 2**20, 1)
-steps = {{"python": rss()}}
-import numpy as np, torch
-torch.set_num_threads(1)
-steps["numpy_torch_imported"] = rss()
+HEAVY = ("torch", "torchvision", "timm", "segment_anything", "openvino", "SimpleITK")
+steps, imported = {{"python": rss()}}, {{}}
+def step(name):
+    steps[name] = rss()
+    imported[name] = [m for m in HEAVY if m in sys.modules]
+import numpy as np
+step("numpy_imported")
 from MedFMSegmentLib import models
 from MedFMSegmentLib.session import PromptSession
+step("medfm_imported")
 m = models.load_model("litemedsam", runtime={runtime!r}, threads=1, cache_dir={cache!r})
-steps["model_loaded"] = rss()
-s = PromptSession(m)  # the default cache: 256 MB, fp16
+step("model_loaded")
+s = PromptSession(m)  # the default cache
 rng = np.random.default_rng(0)
 vol = rng.integers(-1000, 1500, (300, 512, 512), dtype=np.int16)  # the caller's CT (150 MB)
 vol[:, 200:300, 220:320] = 300
-steps["caller_volume"] = rss()
+step("caller_volume")
 s.set_volume(vol, np.diag([0.8, 0.8, 1.5, 1.0]))
-steps["set_volume"] = rss()
-s.add_box("axial", 150, (210, 190, 330, 310))
-steps["first_box"] = rss()
-s.add_box("axial", 150, (211, 191, 329, 309))
-s.add_box("axial", 151, (210, 190, 330, 310))
-steps["three_boxes"] = rss()
+step("set_volume")
+masks = [s.add_box("axial", 150, (210, 190, 330, 310)).mask]
+step("first_box")
+masks.append(s.add_box("axial", 150, (211, 191, 329, 309)).mask)
+masks.append(s.add_box("axial", 151, (210, 190, 330, 310)).mask)
+step("three_boxes")
 crop = s.crop_for("axial", (210, 190, 330, 310))
+emb = s.embedding("axial", 150, crop)
 for axis, n in (("axial", 300), ("coronal", 512)):  # every slice of two axes through the cache (values need not be real)
     for k in range(n):
-        s.cache.put(s._key(axis, k, crop), torch.randn(1, 256, 64, 64))
-steps["cache_filled"] = rss()
-print(json.dumps({{"rss_mb_steps": steps, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        s.cache.put(s._key(axis, k, crop), emb + 0)  # a new embedding (torch tensor or numpy array, as the cache holds)
+step("cache_filled")
+import hashlib
+print(json.dumps({{"rss_mb_steps": steps, "heavy_modules_imported": imported,
+                  "torch_imported": "torch" in sys.modules, "torch_model_built": getattr(m, "torch_net_built", True),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "masks_sha256": hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in masks)).hexdigest()[:16],
+                  "mask_voxels": [int(x.sum()) for x in masks], "code": {paths!r}[0],
                   "cache_mb": round(s.cache.nbytes / 2**20, 1), "cache_max_mb": s.cache.max_bytes >> 20,
                   "runtime": s.runtime_info["runtime"], "decoder": s.runtime_info["decoder"]}}))
 """
 
 
-def memory(cache_root: Path, runtime: str = "auto") -> dict:
-    """A 512x512x300 CT session in a fresh process: resident size after each step, and the peak."""
+def memory(cache_root: Path, runtime: str = "auto", code: Optional[Path] = None) -> dict:
+    """A 512x512x300 CT session in a fresh process (1 thread): resident size after each step, the peak,
+    which heavy modules were imported by then, and a digest of the three masks (to compare code trees).
+    ``code``: the source tree to measure (default: this one), e.g. another checkout for a before/after."""
     import subprocess
 
-    paths = [str(HERE.parents[1] / "MedFMSegment"), str(HERE.parents[1] / "MedFMTrain")]
+    root = Path(code) if code is not None else HERE.parents[1]
+    paths = [str(root / "MedFMSegment"), str(root / "MedFMTrain")]
     script = MEMORY_PROBE.format(paths=paths, runtime=runtime, cache=str(cache_root))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDFM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["load_average"] = list(os.getloadavg())
     return out
+
+
+REAL_PROBE = r"""
+import hashlib, json, sys
+sys.path[:0] = {paths!r}
+import numpy as np
+from MedFMSegmentLib import io, models
+from MedFMSegmentLib.propagate import propagate
+from MedFMSegmentLib.session import PromptSession
+data = {data!r}
+m = models.load_model("litemedsam", runtime="auto", threads=1, cache_dir={cache!r})
+digest, voxels = hashlib.sha256(), []
+def keep(mask):
+    digest.update(np.ascontiguousarray(mask).tobytes())
+    voxels.append(int(np.count_nonzero(mask)))
+for image, label, value in (("chest_ct/chest_ct.nii.gz", "chest_ct/aorta.nii.gz", None),
+                            ("colin27/ch2.nii.gz", "colin27/aal.nii.gz", 77)):
+    vol, ijk_to_ras = io.read_volume(data + "/" + image)
+    lab = io.read_volume(data + "/" + label)[0]
+    gt = lab > 0 if value is None else lab == value
+    ks = np.flatnonzero(gt.any(axis=(1, 2)))
+    k = int(ks[len(ks) // 2])
+    ys, xs = np.nonzero(gt[k])
+    box = (max(xs.min() - 5, 0), max(ys.min() - 5, 0), xs.max() + 5, ys.max() + 5)
+    s = PromptSession(m)
+    s.set_volume(vol, ijk_to_ras)
+    first = s.add_box("axial", k, box).mask
+    keep(first)
+    y, x = np.argwhere(first)[0]  # a negative click on the mask's first pixel: a local cut
+    keep(s.add_point(axis="axial", index=k, xy_slice=(float(x), float(y)), positive=False).mask)
+    keep(s.add_box("axial", k + 2, box).mask)
+    keep(propagate(s, axis="axial", limits=(k - 6, k + 6)).mask)
+    s.close()
+print(json.dumps({{"masks_sha256": digest.hexdigest()[:16], "mask_voxels": voxels,
+                  "torch_model_built": getattr(m, "torch_net_built", True)}}))
+"""
+
+
+def real_masks(cache_root: Path, code: Optional[Path] = None) -> dict:
+    """Masks of real sessions (the chest CT aorta, Colin27 Thalamus_L: boxes, a negative click, propagation over
+    13 slices) in a fresh process: their digest, to compare two source trees bitwise."""
+    import subprocess
+
+    root = Path(code) if code is not None else HERE.parents[1]
+    script = REAL_PROBE.format(paths=[str(root / "MedFMSegment"), str(root / "MedFMTrain")], data=str(D.DATA),
+                               cache=str(cache_root))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDFM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def end_to_end(args, threads: int, cache_root: Path, save=lambda: None, out=None) -> dict:
@@ -392,6 +462,9 @@ def main(argv=None):
     p.add_argument("--memory-only", action="store_true", help="only the memory part (and the one-time export it needs)")
     p.add_argument("--p2m-only", action="store_true",
                    help="only prompt-to-mask (cached embedding, automatic runtime) per --threads, with its split")
+    p.add_argument("--memory-code", nargs="+", type=Path, default=[],
+                   help="also measure these source trees (e.g. a checkout of main), interleaved with this one")
+    p.add_argument("--memory-rounds", type=int, default=1)
     p.add_argument("--out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -422,7 +495,15 @@ def main(argv=None):
                                          "exports": m.runtime_info.get("exports")}
             del m
             gc.collect()
-            result["memory_512x512x300_ct"] = memory(cache_root)
+            trees = {"this_tree": None, **{str(c): c for c in args.memory_code}}
+            runs = result["memory_512x512x300_ct"] = {name: [] for name in trees}
+            for _ in range(args.memory_rounds):  # interleaved: the trees see the same machine state
+                for name, code in trees.items():
+                    runs[name].append(memory(cache_root, code=code))
+                    save()
+            if args.memory_code:  # the same masks on real data, tree by tree
+                result["real_masks"] = {name: real_masks(cache_root, code) for name, code in trees.items()}
+                save()
             save()
             if args.memory_only:
                 print(json.dumps(result, indent=1, default=str))
