@@ -177,13 +177,13 @@ class _Runner:
 
 
 def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest: int = 0,
-          object_values: Optional[np.ndarray] = None) -> str:
+          object_values: Sequence[np.ndarray] = ()) -> str:
     """Carry ``start_mask`` from slice ``start`` toward ``stop`` (exclusive) in direction ``step``.
 
     ``largest``: the object's largest section (pixels) known behind the start (a walk from a slice
     corrected at the object's end knows the object was larger): a mask below ``min_sliver_frac`` of
-    the largest section seen ends the object. ``object_values``: the object's intensities on the other
-    corrected slices (``_pinned_values``), pooled with the start slice's for the intensity check.
+    the largest section seen ends the object. ``object_values``: the object's intensities on each of the
+    other corrected slices (``_pinned_values``), pooled with the start slice's for the intensity check.
     """
     session, axis, cfg, result = run.session, run.axis, run.cfg, run.result
     largest = max(int(largest), int((start_mask > 0).sum()))
@@ -192,9 +192,13 @@ def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest
     # starting in the seed's own window instead: no better on Pallidum_L / Tumour)
     run.last_crop = None
     seed_values = session.normalised_slice(axis, start)[start_mask > 0].astype(np.float32)
-    if object_values is not None and object_values.size:
-        seed_values = np.concatenate([seed_values, object_values])
-    seed_mean, seed_sd = float(seed_values.mean()), max(float(seed_values.std()), 4.0)
+    looks = [(float(seed_values.mean()), max(float(seed_values.std()), 4.0), "the start slice")]
+    if object_values:  # pooled over the corrected slices: the mean of all their pixels, the SD within a slice
+        parts = [seed_values] + list(object_values)
+        n = sum(p.size for p in parts)
+        looks.append((float(sum(float(p.sum()) for p in parts) / n),
+                      max(float(np.sqrt(sum(p.size * float(p.var()) for p in parts) / n)), 4.0),
+                      f"{len(parts)} corrected slices"))
     prev = start_mask
     index = start + step
     n = geometry.num_slices(session.shape, axis)
@@ -234,9 +238,11 @@ def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest
         if jitter < cfg.min_stability:
             return border(f"object ended at slice {index} (unstable under a jittered box: {jitter:.2f})", score)
         mean = float(session.normalised_slice(axis, index)[mask > 0].mean())
-        if abs(mean - seed_mean) > cfg.intensity_tol * seed_sd:
-            return border(f"object ended at slice {index} (intensity {mean:.0f} vs {seed_mean:.0f} +- "
-                          f"{seed_sd:.0f} on the seed and corrected slices)", score)
+        unlike = [(m, sd, what) for m, sd, what in looks if abs(mean - m) > cfg.intensity_tol * sd]
+        if unlike:  # unlike the slice it starts from, or unlike the object the corrections show
+            m, sd, what = unlike[-1]
+            return border(f"object ended at slice {index} (intensity {mean:.0f} vs {m:.0f} +- {sd:.0f} "
+                          f"on {what})", score)
         if area < cfg.min_sliver_frac * largest:
             return border(f"object ended at slice {index} (area {area} px, a sliver of its largest section "
                           f"{largest} px)", score)
@@ -404,7 +410,7 @@ def _largest_behind(session, axis, fixed, empty, pinned, start, step) -> int:
     return int((session.slice_state(axis, nearest).mask > 0).sum())
 
 
-def _pinned_values(session, axis, pinned, start) -> np.ndarray:
+def _pinned_values(session, axis, pinned, start) -> List[np.ndarray]:
     """For a walk from a corrected slice ``start``: the object's intensities on the other corrected (pinned)
     slices, what the user showed the object to look like (none for a walk from a prompted slice, whose
     result then does not depend on corrections elsewhere). One slice's statistics let a walk from a
@@ -412,10 +418,10 @@ def _pinned_values(session, axis, pinned, start) -> np.ndarray:
     slice 15, 111 +- 22, took five slices of oedema at 90 after the object's end; the three corrected
     slices pooled, 118 +- 24, stop it there)."""
     if start not in pinned:
-        return np.zeros(0, np.float32)
+        return []
     parts = [session.normalised_slice(axis, f)[session.slice_state(axis, f).mask > 0].astype(np.float32)
              for f in sorted(pinned) if f != start]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return [p for p in parts if p.size]
 
 
 def propagate(session, axis: Optional[str] = None, direction: str = "both", seeds: Optional[Sequence[int]] = None,
