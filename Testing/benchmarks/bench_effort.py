@@ -341,6 +341,21 @@ def merge(paths) -> dict:
     return out
 
 
+def cached_steps(rows, mode) -> dict:
+    """Re-propagation times of the steps that encoded no slice, overall and on structures of >= 40 slices."""
+    def stats(recs):
+        wall = [w for rec in recs for w, e in zip(rec["repropagation_seconds"], rec["encoded"]) if e == 0]
+        cpu = [c for rec in recs for c, e in zip(rec.get("repropagation_cpu_seconds", []), rec["encoded"]) if e == 0]
+        if not wall:
+            return None
+        return {"steps": len(wall), "wall_median": round(float(np.median(wall)), 2), "wall_max": max(wall),
+                "cpu_median": round(float(np.median(cpu)), 2) if cpu else None, "cpu_max": max(cpu) if cpu else None}
+    recs = [r[mode] for r in rows.values() if mode in r]
+    big = [r[mode] for r in rows.values() if mode in r and r["slices"] >= 40]
+    return {"all": stats(recs), "structures_of_40_slices_or_more": stats(big),
+            "those_structures": [n for n, r in rows.items() if mode in r and r["slices"] >= 40]}
+
+
 def summarize(out, modes) -> dict:
     rows = out["structures"]
     summ = {}
@@ -371,7 +386,10 @@ def summarize(out, modes) -> dict:
                 "first_correction_median": round(float(np.median(first)), 2),
                 "cpu_median": round(float(np.median([v for rec in recs
                                                      for v in rec.get("repropagation_cpu_seconds", [])] or [0])), 2),
-                "encoded_per_step_mean": round(float(np.mean([v for rec in recs for v in rec["encoded"]])), 2)}
+                "encoded_per_step_mean": round(float(np.mean([v for rec in recs for v in rec["encoded"]])), 2),
+                # the issue's condition, "cached embeddings": the steps that encoded nothing, and among them
+                # those of structures of at least 40 slices (wall time depends on the host's load: CPU too)
+                "cached": cached_steps(rows, mode)}
         if recs and recs[0]["adapt_seconds"]:
             summ[mode]["adapt_seconds_mean"] = round(float(np.mean([s for rec in recs for s in rec["adapt_seconds"]])), 2)
             cpu = [v for rec in recs for v in rec.get("adapt_cpu_seconds", [])]
