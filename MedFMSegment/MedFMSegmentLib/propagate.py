@@ -413,10 +413,13 @@ def _largest_behind(session, axis, fixed, empty, pinned, start, step) -> int:
 def _pinned_values(session, axis, pinned, start) -> List[np.ndarray]:
     """For a walk from a corrected slice ``start``: the object's intensities on the other corrected (pinned)
     slices, what the user showed the object to look like (none for a walk from a prompted slice, whose
-    result then does not depend on corrections elsewhere). One slice's statistics let a walk from a
-    correction leak into a neighbour a little darker than the object (bench_effort Tumour, oracle: the up walk from corrected
+    result then does not depend on corrections elsewhere). A slice unlike the start slice or unlike the
+    corrections pooled ends the walk: one slice's statistics let a walk from a correction leak into a
+    neighbour a little darker than the object (bench_effort Tumour, oracle: the up walk from corrected
     slice 15, 111 +- 22, took five slices of oedema at 90 after the object's end; the three corrected
-    slices pooled, 118 +- 24, stop it there)."""
+    slices pooled, 118 +- 23 within a slice, stop it there; oracle 3D Dice after 3 corrections, mean of
+    11 structures, 0.713 -> 0.748, after 10 0.919 -> 0.918). Pooling alone (the pooled SD across slices)
+    let Amygdala_L's walk run past its end instead."""
     if start not in pinned:
         return []
     parts = [session.normalised_slice(axis, f)[session.slice_state(axis, f).mask > 0].astype(np.float32)

@@ -97,7 +97,7 @@ def test_a_correction_at_the_objects_end_does_not_walk_past_it(colin27_session, 
 def test_walk_from_corrections_stops_where_the_corrected_slices_intensity_ends(tumour):
     """The tumour boxed on k = 14 (ground truth + 2 px) and corrected on k = 13, 12 and 15 (bench_effort's
     oracle user after three steps): the walk up from k = 15 compares each slice with the intensities of all three corrections. With k = 15's alone
-    (111 +- 22) it took slices 18-22 of darker oedema (~90; 3D Dice 0.40); pooled (118 +- 24) it stops
+    (111 +- 22) it took slices 18-22 of darker oedema (~90; 3D Dice 0.40); pooled (118 +- 23) it stops
     at k = 18, past the tumour's last slice 17."""
     session, truth = tumour
     session.reset()
