@@ -282,6 +282,7 @@ def run(args) -> dict:
             array, m = vols[st.volume]
             s.set_volume(array, m)
             sessions[st.volume] = s
+            out.setdefault("runtime", {k: v for k, v in s.runtime_info.items() if k != "exports"})  # what ran
         session, gt = sessions[st.volume], st.mask
         first, last = extent(gt)
         row = {"volume": st.volume, "extent": [first, last], "slices": int(gt.any(axis=(1, 2)).sum())}
