@@ -196,7 +196,10 @@ class PromptableModel:
         with self.__dict__["_net_lock"]:
             if "net" not in self.__dict__:
                 log.info("building the torch model of %s (needed now)", self.spec.id)
-                net = build()
+                # never as inference tensors, even when first needed inside an inference_mode block (a
+                # decode): training the adapters needs autograd on the net's activations
+                with torch.inference_mode(False):
+                    net = build()
                 self._decoder_signature = _module_count(net.mask_decoder)
                 self.__dict__["net"] = net
         return self.__dict__["net"]

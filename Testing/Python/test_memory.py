@@ -126,6 +126,20 @@ def test_the_net_is_built_when_needed_and_a_modified_decoder_wins(lazy):
     assert masked.shape == (1, 256, 256)
 
 
+def test_a_net_first_needed_in_inference_mode_still_trains(lazy):
+    """The net built inside an inference_mode block (as a decode or a sample's encoding is) holds normal
+    tensors: autograd through it works, as adapter training needs (the full suite's test_train failed
+    with 'Inference tensors cannot be saved for backward' when the build inherited the mode)."""
+    with torch.inference_mode():
+        md = lazy.net.mask_decoder
+    assert lazy.torch_net_built
+    assert not any(p.is_inference() for p in lazy.net.parameters())
+    x = torch.randn(1, 4, 256, requires_grad=True)
+    layer = md.transformer.layers[0].self_attn
+    layer(q=x, k=x, v=x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_the_static_shape_encoder_gives_bitwise_the_dynamic_graphs_embeddings(lazy, colin27, cranium_ct):
     entry = Path(lazy.runtime_info["exports"]["encoder_fp32"]["cache"])
     dynamic = runtimes.OpenVINOModel(entry / "model.xml", "fp32", lazy._fast_encoder.threads)
