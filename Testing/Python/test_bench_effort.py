@@ -39,6 +39,9 @@ def test_merge_joins_parts_and_refuses_other_settings(tmp_path):
     assert sorted(out["structures"]) == ["x", "y", "z"]
     assert out["summary"]["guided"]["dice_per_step_mean"] == [0.5, 0.6, 0.7, 0.8]
     assert out["summary"]["oracle"]["repropagation_seconds"]["first_correction_median"] == 4.0
+    cached = out["summary"]["oracle"]["repropagation_seconds"]["cached"]  # no step encoded: all count as cached
+    assert cached["all"] == {"steps": 9, "wall_median": 5.0, "wall_max": 6.0, "cpu_median": 5.0, "cpu_max": 6.0}
+    assert cached["structures_of_40_slices_or_more"] is None  # the rows say no slice count
     (tmp_path / "c.json").write_text(json.dumps(result(["w"], {**st, "corrections": 10})))
     with pytest.raises(SystemExit, match="settings"):
         bench.merge([tmp_path / "a.json", tmp_path / "c.json"])

@@ -352,9 +352,9 @@ def cached_steps(rows, mode) -> dict:
         return {"steps": len(wall), "wall_median": round(float(np.median(wall)), 2), "wall_max": max(wall),
                 "cpu_median": round(float(np.median(cpu)), 2) if cpu else None, "cpu_max": max(cpu) if cpu else None}
     recs = [r[mode] for r in rows.values() if mode in r]
-    big = [r[mode] for r in rows.values() if mode in r and r["slices"] >= 40]
+    big = [r[mode] for r in rows.values() if mode in r and r.get("slices", 0) >= 40]
     return {"all": stats(recs), "structures_of_40_slices_or_more": stats(big),
-            "those_structures": [n for n, r in rows.items() if mode in r and r["slices"] >= 40]}
+            "those_structures": [n for n, r in rows.items() if mode in r and r.get("slices", 0) >= 40]}
 
 
 def summarize(out, modes) -> dict:
