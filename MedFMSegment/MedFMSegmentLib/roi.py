@@ -107,7 +107,8 @@ class _Candidates:
         out = []
         ctx = s.adapter.applied(s.model) if s.adapter is not None else _Null()
         with ctx:
-            decoded = [s.model.decode(emb, box_model, multimask=m) for m in (False, True)]
+            # the exported decoder without an adapter, as the session decodes (the torch one with it)
+            decoded = [s.model.decode(emb, box_model, multimask=m, fast=s.adapter is None) for m in (False, True)]
         for logits, iou in decoded:
             for c in range(logits.shape[0]):
                 mask = (model_to_slice(logits[c], self.crop, self.shape) > s.config.mask_threshold) & self.inside
