@@ -257,12 +257,12 @@ class PromptableModel:
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
-               mask_logits: Optional[torch.Tensor] = None, multimask: bool = False, fast: bool = False):
+               mask_logits: Optional[torch.Tensor] = None, multimask: Optional[bool] = False, fast: bool = False):
         """Run prompt encoder + mask decoder on a cached embedding.
 
         Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
         for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
-        if ``multimask`` else 1. Coordinates are model-input pixels (``xy_model``). ``fast=True``
+        if ``multimask`` else 1 (``multimask=None``: all four, see ``decode_all``). Coordinates are model-input pixels (``xy_model``). ``fast=True``
         uses the exported decoder (if any, and while the torch decoder is unmodified): the session
         does so without an adapter; the default is the torch decoder, bitwise stable for callers
         that compare outputs before and after attaching adapters (training, its tests).
@@ -283,15 +283,26 @@ class PromptableModel:
                 sparse = self._prompt_encoder(points=points, boxes=boxes)
             else:
                 sparse, _ = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
-            pick = [1, 2, 3] if multimask else [0]
+            pick = [0, 1, 2, 3] if multimask is None else [1, 2, 3] if multimask else [0]
             out, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(), pick)
             return torch.from_numpy(out), iou
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-        logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
-                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                         multimask_output=multimask)
+        if multimask is None:  # all four: what MaskDecoder.forward slices its answer from
+            logits, iou = md.predict_masks(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        else:
+            logits, iou = md(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
+                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                             multimask_output=multimask)
         return logits[0], iou[0].float().cpu().numpy()
+
+    def decode_all(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
+                   fast: bool = False):
+        """The single answer and the three multimask answers from one decoder run: logits (4, 256, 256) and
+        IoU (4,), equal to ``decode(multimask=False)`` followed by ``decode(multimask=True)`` (the decoder
+        computes all four each time and keeps one or three)."""
+        return self.decode(embedding, box_xy_model, points_xy_model, point_labels, multimask=None, fast=fast)
 
 
 def _module_count(module: nn.Module) -> int:

@@ -107,14 +107,14 @@ class _Candidates:
         out = []
         ctx = s.adapter.applied(s.model) if s.adapter is not None else _Null()
         with ctx:
-            # the exported decoder without an adapter, as the session decodes (the torch one with it)
-            decoded = [s.model.decode(emb, box_model, multimask=m, fast=s.adapter is None) for m in (False, True)]
-        for logits, iou in decoded:
-            for c in range(logits.shape[0]):
-                mask = (model_to_slice(logits[c], self.crop, self.shape) > s.config.mask_threshold) & self.inside
-                if mask.any():
-                    mask = keep_components_touching(mask.astype(np.uint8), in_box) > 0
-                out.append((mask, float(np.clip(iou[c], 0, 1))))
+            # one decoder run for the single and the multimask answers, on the exported decoder without an
+            # adapter, as the session decodes (the torch one with it)
+            logits, iou = s.model.decode_all(emb, box_model, fast=s.adapter is None)
+        for c in range(logits.shape[0]):
+            mask = (model_to_slice(logits[c], self.crop, self.shape) > s.config.mask_threshold) & self.inside
+            if mask.any():
+                mask = keep_components_touching(mask.astype(np.uint8), in_box) > 0
+            out.append((mask, float(np.clip(iou[c], 0, 1))))
         self._memo[key] = out
         return out if multimask else out[:1]
 

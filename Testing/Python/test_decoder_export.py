@@ -147,13 +147,26 @@ def test_roi_mode_runs_on_the_exported_decoder_and_agrees_with_torchs(ov_litemed
         s = PromptSession(model)
         s.set_volume(*colin27)
         calls = []
-        original = model.net.mask_decoder.forward
-        model.net.mask_decoder.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        original = model.net.mask_decoder.predict_masks  # what SAM's decoder runs, whichever the entry
+        model.net.mask_decoder.predict_masks = lambda *a, **k: calls.append(1) or original(*a, **k)
         try:
             results[name] = (segment_roi(s, roi_ijk, axis="axial").mask, len(calls))
         finally:
-            del model.net.mask_decoder.forward
+            del model.net.mask_decoder.predict_masks
         s.close()
     (fast, fast_torch_calls), (ref, ref_calls) = results["fast"], results["torch"]
     assert fast_torch_calls == 0 and ref_calls > 0
     assert ref.any() and 2 * (fast & ref).sum() / (fast.sum() + ref.sum()) >= 0.999
+
+
+def test_decode_all_is_the_single_and_the_multimask_answers_of_one_run(ov_litemedsam, litemedsam, real_embeddings):
+    """``decode_all`` (the ROI mode's one decoder run per box) equals decode(multimask=False) followed by
+    decode(multimask=True), bitwise, on the exported decoder and on SAM's torch decoder."""
+    for model, fast in ((ov_litemedsam, True), (litemedsam, False)):
+        for emb, crop, box, _ in real_embeddings:
+            bm = crop.box_to_model(box)
+            logits, iou = model.decode_all(emb, bm, fast=fast)
+            one, iou_one = model.decode(emb, bm, multimask=False, fast=fast)
+            three, iou_three = model.decode(emb, bm, multimask=True, fast=fast)
+            assert logits.shape == (4, 256, 256) and iou.shape == (4,)
+            assert torch.equal(logits, torch.cat([one, three])) and np.array_equal(iou, np.concatenate([iou_one, iou_three]))
