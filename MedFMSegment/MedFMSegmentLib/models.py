@@ -262,10 +262,11 @@ class PromptableModel:
 
         Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
         for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
-        if ``multimask`` else 1 (``multimask=None``: all four, see ``decode_all``). Coordinates are model-input pixels (``xy_model``). ``fast=True``
-        uses the exported decoder (if any, and while the torch decoder is unmodified): the session
-        does so without an adapter; the default is the torch decoder, bitwise stable for callers
-        that compare outputs before and after attaching adapters (training, its tests).
+        if ``multimask`` else 1 (``multimask=None``: all four, see ``decode_all``). Coordinates are
+        model-input pixels (``xy_model``). ``fast=True`` uses the exported decoder (if any, and while
+        the torch decoder is unmodified): the session does so without an adapter; the default is the
+        torch decoder, bitwise stable for callers that compare outputs before and after attaching
+        adapters (training, its tests).
         """
         boxes = points = None
         if box_xy_model is not None:
