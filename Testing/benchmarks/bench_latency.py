@@ -315,17 +315,19 @@ print(json.dumps({{"rss_mb_steps": steps, "heavy_modules_imported": imported,
 """
 
 
-def memory(cache_root: Path, runtime: str = "auto", code: Optional[Path] = None) -> dict:
+def memory(cache_root: Path, runtime: str = "auto", code: Optional[Path] = None, python: Optional[str] = None) -> dict:
     """A 512x512x300 CT session in a fresh process (1 thread): resident size after each step, the peak,
     which heavy modules were imported by then, and a digest of the three masks (to compare code trees).
-    ``code``: the source tree to measure (default: this one), e.g. another checkout for a before/after."""
+    ``code``: the source tree to measure (default: this one), e.g. another checkout for a before/after;
+    ``python``: the interpreter to run it in (default: this one), e.g. a venv with a CPU build of torch."""
     import subprocess
 
     root = Path(code) if code is not None else HERE.parents[1]
     paths = [str(root / "MedFMSegment"), str(root / "MedFMTrain")]
     script = MEMORY_PROBE.format(paths=paths, runtime=runtime, cache=str(cache_root))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDFM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800, env=env)
+    proc = subprocess.run([python or sys.executable, "-c", script], capture_output=True, text=True, timeout=1800,
+                          env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -465,6 +467,8 @@ def main(argv=None):
     p.add_argument("--memory-code", nargs="+", type=Path, default=[],
                    help="also measure these source trees (e.g. a checkout of main), interleaved with this one")
     p.add_argument("--memory-rounds", type=int, default=1)
+    p.add_argument("--memory-python", nargs="+", default=[],
+                   help="also run this tree's memory probe in these interpreters (e.g. a venv with torch's CPU build)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -495,14 +499,16 @@ def main(argv=None):
                                          "exports": m.runtime_info.get("exports")}
             del m
             gc.collect()
-            trees = {"this_tree": None, **{str(c): c for c in args.memory_code}}
+            trees = {"this_tree": (None, None), **{str(c): (c, None) for c in args.memory_code},
+                     **{f"this_tree_in {py}": (None, py) for py in args.memory_python}}
             runs = result["memory_512x512x300_ct"] = {name: [] for name in trees}
             for _ in range(args.memory_rounds):  # interleaved: the trees see the same machine state
-                for name, code in trees.items():
-                    runs[name].append(memory(cache_root, code=code))
+                for name, (code, py) in trees.items():
+                    runs[name].append(memory(cache_root, code=code, python=py))
                     save()
             if args.memory_code:  # the same masks on real data, tree by tree
-                result["real_masks"] = {name: real_masks(cache_root, code) for name, code in trees.items()}
+                result["real_masks"] = {name: real_masks(cache_root, code) for name, (code, py) in trees.items()
+                                        if py is None}
                 save()
             save()
             if args.memory_only:
