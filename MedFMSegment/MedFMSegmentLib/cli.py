@@ -412,8 +412,6 @@ def cmd_models(args) -> int:
 
     check_device_name(args.device)  # bad options fail before torch is imported
     threads, why = runtimes.choose_threads(args.threads)
-    import torch
-
     from .models import REGISTRY, choose_device
 
     for spec in REGISTRY.values():
@@ -423,8 +421,8 @@ def cmd_models(args) -> int:
     plan = runtimes.plan_runtime(runtimes.check_runtime(args.runtime), runtimes.check_precision(args.precision),
                                  device.device.type, cpu, runtimes.openvino_available())
     info = {"device": str(device.device), "device_reason": device.reason, "runtime": plan.runtime,
-            "precision": plan.precision, "reason": plan.reason, "threads": min(threads, torch.get_num_threads())
-            if args.threads is None else threads, "threads_reason": why, "cpu": cpu.as_dict(),
+            "precision": plan.precision, "reason": plan.reason, "threads": threads, "threads_reason": why,
+            "cpu": cpu.as_dict(),
             "cache_dir": str(runtimes.default_cache_dir())}
     print("runtime " + json.dumps(info), file=sys.stderr)  # stdout stays the registry, one model a line
     return 0

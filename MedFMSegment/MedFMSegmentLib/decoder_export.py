@@ -31,6 +31,8 @@ import math
 import torch
 from torch import nn
 
+from .decoder_graph import GRAPH, unblock_masks  # noqa: F401  (public here)
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, C) -> (B, heads, N, C / heads)."""
@@ -105,18 +107,6 @@ def _upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper_in: torc
     return hyper_in.reshape(b, 1, 1, hyper_in.shape[1], c2) @ x  # (B, 4, 4, M, HW)
 
 
-def unblock_masks(blocked, pick, grid_hw):
-    """numpy: masks in the exported decoder's blocked order (B, 4, 4, M, H*W) -> masks ``pick`` of the first
-    batch item in image order, (len(pick), 4H, 4W) float32 (pixel (4y + 2dy + dy2, 4x + 2dx + dx2))."""
-    import numpy as np
-
-    hh, ww = grid_hw
-    sel = np.asarray(blocked)[0][:, :, pick]  # (4, 4, k, HW)
-    k = sel.shape[2]
-    sel = sel.reshape(2, 2, 2, 2, k, hh, ww).transpose(4, 5, 0, 2, 6, 1, 3)  # k, y, dy, dy2, x, dx, dx2
-    return np.ascontiguousarray(sel, dtype=np.float32).reshape(k, 4 * hh, 4 * ww)
-
-
 class FoldedDecoder(nn.Module):
     """(embedding (1, C, H, W), sparse prompt tokens (1, N, C)) -> (all masks (1, M, 4H, 4W), IoUs (1, M)),
     equal to SAM's ``MaskDecoder.predict_masks`` with the given ``image_pe`` and no mask input.
@@ -124,7 +114,7 @@ class FoldedDecoder(nn.Module):
     ``blocked=True`` (what is exported): the masks in the upscaling's blocked order (1, 4, 4, M, H*W), put in
     image order by :func:`unblock_masks`."""
 
-    GRAPH = "folded-3-cf"  # in the export cache's identity: bump when the graph changes
+    GRAPH = GRAPH  # in the export cache's identity (decoder_graph.GRAPH): bump when the graph changes
 
     def __init__(self, mask_decoder: nn.Module, image_pe: torch.Tensor, no_mask_dense: torch.Tensor,
                  blocked: bool = False):

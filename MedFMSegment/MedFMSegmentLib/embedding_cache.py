@@ -5,32 +5,47 @@ import threading
 from collections import OrderedDict
 from typing import Optional
 
-import torch
+import numpy as np
+
+
+def _nbytes(emb) -> int:
+    return int(emb.nbytes) if isinstance(emb, np.ndarray) else emb.element_size() * emb.nelement()
+
+
+def _as_dtype(emb, dtype: str):
+    """``emb`` (a numpy array or a torch tensor) as ``dtype`` ("float16" / "float32"), same kind of array."""
+    if isinstance(emb, np.ndarray):
+        return emb if emb.dtype == dtype else emb.astype(dtype)
+    import torch  # a tensor came in: torch is loaded already
+
+    return emb.to(getattr(torch, dtype))
 
 
 class EmbeddingCache:
     """Thread-safe LRU of image embeddings, bounded in bytes.
 
-    ``dtype=torch.float16`` stores embeddings at half the size (``get`` returns float32 again; masks
+    ``dtype="float16"`` stores embeddings at half the size (``get`` returns float32 again; masks
     from fp16-stored embeddings agree with fp32 at Dice >= 0.999, see Testing/benchmarks/bench_latency.py);
-    None stores them as given. The float32 copy last returned is kept (4 MB for LiteMedSAM, not counted
+    None stores them as given. Embeddings are numpy arrays (an OpenVINO encoder's) or torch tensors
+    (torch's), returned as the kind they came in (a torch dtype is accepted for ``dtype`` too). The float32
+    copy last returned is kept (4 MB for LiteMedSAM, not counted
     in ``nbytes``): a second prompt on the same slice skips the conversion (1.6 ms CPU). Treat what
     ``get`` returns as read-only.
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, dtype: Optional[torch.dtype] = None):
+    def __init__(self, max_bytes: int = 2 << 30, dtype=None):
         self.max_bytes = int(max_bytes)
-        self.dtype = dtype
-        self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.dtype = None if dtype is None else str(dtype).replace("torch.", "")
+        self._items: "OrderedDict[tuple, object]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
         self._hot: Optional[tuple] = None  # (key, the float32 embedding get returned last)
 
-    def _out(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb.float() if self.dtype is not None else emb
+    def _out(self, emb):
+        return _as_dtype(emb, "float32") if self.dtype is not None else emb
 
-    def get(self, key) -> Optional[torch.Tensor]:
+    def get(self, key):
         with self._lock:
             emb = self._items.get(key)
             if emb is None:
@@ -48,10 +63,10 @@ class EmbeddingCache:
                     self._hot = (key, out)
         return out
 
-    def put(self, key, emb: torch.Tensor) -> torch.Tensor:
+    def put(self, key, emb):
         """Store ``emb``; returns the embedding exactly as ``get`` will return it."""
-        stored = emb.to(self.dtype) if self.dtype is not None else emb
-        size = stored.element_size() * stored.nelement()
+        stored = _as_dtype(emb, self.dtype) if self.dtype is not None else emb
+        size = _nbytes(stored)
         with self._lock:
             if key in self._items:
                 return self._out(self._items[key])
@@ -59,7 +74,7 @@ class EmbeddingCache:
             self._bytes += size
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 gone, old = self._items.popitem(last=False)
-                self._bytes -= old.element_size() * old.nelement()
+                self._bytes -= _nbytes(old)
                 if self._hot is not None and self._hot[0] == gone:
                     self._hot = None
         return self._out(stored)

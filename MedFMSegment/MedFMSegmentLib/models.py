@@ -14,22 +14,26 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import platform
 import re
+import sys
 import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
-import torch
-from torch import nn
 
 from .checksums import file_sha256  # noqa: F401  (public here since 0.1)
 from .errors import ChecksumError, InputError, ModelError
-from .prompt_encoding import SparsePromptEncoder
+from .tensors import as_float32
+
+if TYPE_CHECKING:  # torch is imported where the torch network is built or a tensor is made
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,57 @@ from .model_registry import (  # noqa: F401,E402  (the torch-free registry; publ
     ModelSpec, _build_vit, _sam_module, build_litemedsam, embedding_grid, get_spec)
 
 
+class Device(str):
+    """A device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``): torch takes it wherever it takes a device, and
+    ``type`` / ``index`` read as on ``torch.device``. A plain string, so choosing the CPU imports no torch."""
+
+    @property
+    def type(self) -> str:
+        return self.partition(":")[0]
+
+    @property
+    def index(self) -> Optional[int]:
+        tail = self.partition(":")[2]
+        return int(tail) if tail else None
+
+
 @dataclass
 class DeviceChoice:
-    device: torch.device
+    device: Device
     reason: str
 
 
+def _gpu_may_be_present() -> bool:
+    """False only where no GPU torch could use can be there: no NVIDIA / AMD device node, not Apple silicon.
+
+    Finding that out needs no torch import (200-700 MB resident); where a GPU may be there, torch is asked."""
+    if "torch" in sys.modules:
+        return True  # torch is loaded already: ask it
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    if os.name == "nt":
+        return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0",
+                                           "/dev/kfd", "/dev/dxg"))
+
+
 def choose_device(requested: Optional[str] = None) -> DeviceChoice:
-    """cuda, then mps, then cpu, unless the caller names one. The choice and its reason are logged."""
+    """cuda, then mps, then cpu, unless the caller names one. The choice and its reason are logged.
+
+    The CPU (requested, or no GPU device on the machine) is chosen without importing torch."""
+    if requested and requested.strip().lower() == "cpu":
+        choice = DeviceChoice(Device("cpu"), "requested by the caller")
+    elif not requested and not _gpu_may_be_present():
+        choice = DeviceChoice(Device("cpu"), "no GPU found (no NVIDIA, AMD or Apple GPU on this machine); CPU")
+    else:
+        choice = _choose_torch_device(requested)
+    log.info("MedFM device: %s (%s)", choice.device, choice.reason)
+    return choice
+
+
+def _choose_torch_device(requested: Optional[str]) -> DeviceChoice:
+    import torch
+
     if requested:
         try:
             dev = torch.device(requested)
@@ -55,15 +102,12 @@ def choose_device(requested: Optional[str] = None) -> DeviceChoice:
             raise InputError(f"device {requested!r} was requested but CUDA is not available on this machine")
         if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise InputError(f"device {requested!r} was requested but MPS is not available on this machine")
-        choice = DeviceChoice(dev, "requested by the caller")
-    elif torch.cuda.is_available():
-        choice = DeviceChoice(torch.device("cuda"), f"CUDA GPU found: {torch.cuda.get_device_name(0)}")
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        choice = DeviceChoice(torch.device("mps"), "Apple MPS available")
-    else:
-        choice = DeviceChoice(torch.device("cpu"), f"no GPU found; CPU with {torch.get_num_threads()} threads")
-    log.info("MedFM device: %s (%s)", choice.device, choice.reason)
-    return choice
+        return DeviceChoice(Device(str(dev)), "requested by the caller")
+    if torch.cuda.is_available():
+        return DeviceChoice(Device("cuda"), f"CUDA GPU found: {torch.cuda.get_device_name(0)}")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return DeviceChoice(Device("mps"), "Apple MPS available")
+    return DeviceChoice(Device("cpu"), f"no GPU found; CPU with {torch.get_num_threads()} threads")
 
 
 def asset_path(spec: ModelSpec) -> Path:
@@ -129,6 +173,8 @@ def load_state_dict_file(path, map_location="cpu", mmap: bool = False) -> Dict[s
     Errors name the file and the problem: missing, empty, truncated or corrupt, or carrying pickled
     objects that are not plain tensors (refused: such a file can run code when unpickled).
     """
+    import torch
+
     path = _check_checkpoint_file(path)
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True, **({"mmap": True} if mmap else {}))
@@ -167,8 +213,8 @@ class PromptableModel:
     """
 
     spec: ModelSpec
-    net: Optional[nn.Module] = field(repr=False, compare=False)
-    device: torch.device
+    net: Optional["nn.Module"] = field(repr=False, compare=False)
+    device: Device
     device_reason: str
     checkpoint: str
     checkpoint_sha256: str
@@ -181,9 +227,10 @@ class PromptableModel:
     _fast_encoder: Optional[Callable] = field(default=None, repr=False)  # (1,3,S,S) array -> [embedding]
     _fast_decoder: Optional[Callable] = field(default=None, repr=False)  # (emb, sparse, pick) -> masks, iou; no mask in
     _decoder_signature: int = field(default=0, repr=False)  # module count of the torch decoder when exported
-    _build_net: Optional[Callable[[], nn.Module]] = field(default=None, repr=False, compare=False)
+    _build_net: Optional[Callable[[], "nn.Module"]] = field(default=None, repr=False, compare=False)
     _prompt_encoder: Optional[Callable] = field(default=None, repr=False)  # (points, boxes) -> sparse, no net
     _net_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    torch_threads: Optional[int] = field(default=None, repr=False)  # set on torch when it is first needed
 
     def __post_init__(self):
         if self.net is None and self._build_net is not None:
@@ -195,7 +242,11 @@ class PromptableModel:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         with self.__dict__["_net_lock"]:
             if "net" not in self.__dict__:
+                import torch
+
                 log.info("building the torch model of %s (needed now)", self.spec.id)
+                if self.__dict__.get("torch_threads"):
+                    torch.set_num_threads(self.__dict__["torch_threads"])
                 # never as inference tensors, even when first needed inside an inference_mode block (a
                 # decode): training the adapters needs autograd on the net's activations
                 with torch.inference_mode(False):
@@ -212,32 +263,35 @@ class PromptableModel:
     def input_size(self) -> int:
         return self.spec.input_size
 
-    def model_input(self, image01: np.ndarray) -> torch.Tensor:
-        """A (S, S) float image in [0, 1] -> the (1, 3, S, S) tensor the encoder expects."""
-        x = torch.as_tensor(np.ascontiguousarray(image01), dtype=torch.float32, device=self.device)
-        x = x[None, None].expand(1, 3, *x.shape)
+    def model_input(self, image01: np.ndarray) -> np.ndarray:
+        """A (S, S) float image in [0, 1] -> the (1, 3, S, S) float32 array the encoder expects (the same
+        float32 operations as Sam's preprocessing with its ``pixel_mean`` / ``pixel_std`` buffers)."""
+        x = np.asarray(image01, np.float32)
+        x = np.broadcast_to(x[None, None], (1, 3, *x.shape))
         if self.spec.normalisation == "imagenet":
-            if self.torch_net_built:
-                mean, std = self.net.pixel_mean, self.net.pixel_std
-            else:  # the values Sam registers as its buffers (model_registry._sam_module)
-                mean, std = (torch.Tensor(v).view(-1, 1, 1).to(self.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
-            x = (x * 255.0 - mean) / std
-        return x
+            mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            x = (x * np.float32(255.0) - mean) / std
+        return np.ascontiguousarray(x)
 
-    @torch.inference_mode()
-    def encode(self, image01: np.ndarray) -> torch.Tensor:
-        """Image embedding of one (S, S) model-input image in [0, 1]."""
+    def encode(self, image01: np.ndarray):
+        """Image embedding of one (S, S) model-input image in [0, 1]: a (1, C, h, w) float32 numpy array from
+        an exported encoder (no torch), a torch tensor on the model's device from the torch encoder."""
         x = self.model_input(image01)
         if self._fast_encoder is not None:
-            return torch.from_numpy(self._fast_encoder(x.cpu().numpy())[0])
+            return self._fast_encoder(x)[0]
         return self.torch_encode(x)
 
-    @torch.inference_mode()
-    def torch_encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The torch encoder on a (1, 3, S, S) model input (whatever the runtime)."""
-        if self.precision == "bf16":
-            x = x.to(torch.bfloat16)
-        return self._image_encoder()(x.contiguous(memory_format=torch.channels_last)).float()
+    def torch_encode(self, x) -> "torch.Tensor":
+        """The torch encoder on a (1, 3, S, S) model input, array or tensor (whatever the runtime)."""
+        import torch
+
+        net = self.net  # built first: it sets the thread count
+        with torch.inference_mode():
+            x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            if self.precision == "bf16":
+                x = x.to(torch.bfloat16)
+            del net
+            return self._image_encoder()(x.contiguous(memory_format=torch.channels_last)).float()
 
     def _image_encoder(self) -> Callable:
         """The encoder to call: eager, or compiled once (tens of seconds, then ~1.6x faster on CPU)."""
@@ -246,28 +300,55 @@ class PromptableModel:
         with self._encoder_lock:
             if self._encoder is None:
                 try:
+                    import torch
+
                     self._encoder = torch.compile(self.net.image_encoder)
                 except Exception as exc:  # no compiler toolchain: stay correct, just slower
                     log.warning("torch.compile unavailable (%s); using the eager encoder", exc)
                     self._encoder = self.net.image_encoder
             return self._encoder
 
+    def mark_decoder_exported(self) -> None:
+        """The torch decoder as it is now is the one exported: a later change (an adapter) turns the export off."""
+        if self.torch_net_built:  # else set when the net is built
+            self._decoder_signature = _module_count(self.net.mask_decoder)
+
     def _decoder_unmodified(self) -> bool:
         return not self.torch_net_built or _module_count(self.net.mask_decoder) == self._decoder_signature
 
-    @torch.inference_mode()
-    def decode(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
-               mask_logits: Optional[torch.Tensor] = None, multimask: Optional[bool] = False, fast: bool = False):
-        """Run prompt encoder + mask decoder on a cached embedding.
+    def decode(self, embedding, box_xy_model=None, points_xy_model=None, point_labels=None,
+               mask_logits=None, multimask: Optional[bool] = False, fast: bool = False):
+        """Run prompt encoder + mask decoder on a cached embedding (numpy array or torch tensor).
 
-        Returns (low-resolution logits (C, 256, 256) tensor — four times the embedding grid, i.e. S/4
+        Returns (low-resolution logits (C, 256, 256) — four times the embedding grid, i.e. S/4
         for SAM's 1024 px input and S for LiteMedSAM's 256 px —, predicted IoU (C,) numpy) with C = 3
         if ``multimask`` else 1 (``multimask=None``: all four, see ``decode_all``). Coordinates are
         model-input pixels (``xy_model``). ``fast=True`` uses the exported decoder (if any, and while
-        the torch decoder is unmodified): the session does so without an adapter; the default is the
-        torch decoder, bitwise stable for callers that compare outputs before and after attaching
-        adapters (training, its tests).
+        the torch decoder is unmodified; the logits are then a numpy array and no torch is imported): the
+        session does so without an adapter; the default is the torch decoder (logits a torch tensor),
+        bitwise stable for callers that compare outputs before and after attaching adapters (training).
         """
+        has_prompt = box_xy_model is not None or (points_xy_model is not None and len(points_xy_model) > 0)
+        if (fast and self._fast_decoder is not None and mask_logits is None and has_prompt
+                and self._prompt_encoder is not None and self._decoder_unmodified()):
+            # the export has the no-mask dense embedding built in; the prompts embedded in numpy (prompt_encoding)
+            boxes = None if box_xy_model is None else np.asarray(box_xy_model, np.float32).reshape(1, 4)
+            points = None
+            if points_xy_model is not None and len(points_xy_model):
+                points = (np.asarray(points_xy_model, np.float32).reshape(1, -1, 2),
+                          np.asarray(point_labels, np.int64).reshape(1, -1))
+            sparse = self._prompt_encoder(points=points, boxes=boxes)
+            pick = [0, 1, 2, 3] if multimask is None else [1, 2, 3] if multimask else [0]
+            return self._fast_decoder(as_float32(embedding), sparse, pick)
+        import torch
+
+        with torch.inference_mode():
+            return self._torch_decode(torch.as_tensor(embedding, device=self.device), box_xy_model, points_xy_model,
+                                      point_labels, mask_logits, multimask)
+
+    def _torch_decode(self, embedding, box_xy_model, points_xy_model, point_labels, mask_logits, multimask):
+        import torch
+
         boxes = points = None
         if box_xy_model is not None:
             boxes = torch.as_tensor(np.asarray(box_xy_model, np.float32).reshape(1, 4), device=self.device)
@@ -275,18 +356,9 @@ class PromptableModel:
             coords = torch.as_tensor(np.asarray(points_xy_model, np.float32).reshape(1, -1, 2), device=self.device)
             labels = torch.as_tensor(np.asarray(point_labels, np.int64).reshape(1, -1), device=self.device)
             points = (coords, labels)
+        if mask_logits is not None:
+            mask_logits = torch.as_tensor(mask_logits, device=self.device)
         masks = mask_logits[None, None] if mask_logits is not None and mask_logits.dim() == 2 else mask_logits
-        has_prompt = boxes is not None or points is not None
-        if fast and self._fast_decoder is not None and masks is None and has_prompt and self._decoder_unmodified():
-            # the export has the no-mask dense embedding built in; the prompts embedded without the torch
-            # net where the model has the light prompt encoder (bitwise the same as the net's)
-            if self._prompt_encoder is not None:
-                sparse = self._prompt_encoder(points=points, boxes=boxes)
-            else:
-                sparse, _ = self.net.prompt_encoder(points=points, boxes=boxes, masks=None)
-            pick = [0, 1, 2, 3] if multimask is None else [1, 2, 3] if multimask else [0]
-            out, iou = self._fast_decoder(embedding.float().cpu().numpy(), sparse.cpu().numpy(), pick)
-            return torch.from_numpy(out), iou
         pe, md = self.net.prompt_encoder, self.net.mask_decoder
         sparse, dense = pe(points=points, boxes=boxes, masks=masks)
         if multimask is None:  # all four: what MaskDecoder.forward slices its answer from
@@ -298,7 +370,7 @@ class PromptableModel:
                              multimask_output=multimask)
         return logits[0], iou[0].float().cpu().numpy()
 
-    def decode_all(self, embedding: torch.Tensor, box_xy_model=None, points_xy_model=None, point_labels=None,
+    def decode_all(self, embedding, box_xy_model=None, points_xy_model=None, point_labels=None,
                    fast: bool = False):
         """The single answer and the three multimask answers from one decoder run: logits (4, 256, 256) and
         IoU (4,), equal to ``decode(multimask=False)`` followed by ``decode(multimask=True)`` (the decoder
@@ -306,7 +378,7 @@ class PromptableModel:
         return self.decode(embedding, box_xy_model, points_xy_model, point_labels, multimask=None, fast=fast)
 
 
-def _module_count(module: nn.Module) -> int:
+def _module_count(module: "nn.Module") -> int:
     return sum(1 for _ in module.modules())
 
 
@@ -355,10 +427,13 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
     runtime = runtimes.check_runtime(runtime)
     precision = runtimes.check_precision(precision)
     n_threads, threads_reason = runtimes.choose_threads(threads)
-    if threads is not None or os.environ.get("MEDFM_THREADS"):
-        torch.set_num_threads(n_threads)
-    elif n_threads > torch.get_num_threads():
-        n_threads, threads_reason = torch.get_num_threads(), f"torch's thread count ({threads_reason})"
+    explicit_threads = threads is not None or bool(os.environ.get("MEDFM_THREADS"))
+    if "torch" in sys.modules:  # loaded already (else torch takes the count when it is first needed)
+        torch = sys.modules["torch"]
+        if explicit_threads:
+            torch.set_num_threads(n_threads)
+        elif n_threads > torch.get_num_threads():
+            n_threads, threads_reason = torch.get_num_threads(), f"torch's thread count ({threads_reason})"
     if checkpoint is None:
         if not spec.embedded:
             raise ModelError(f"model {model_id!r} needs a checkpoint path (its weights are not embedded)")
@@ -380,30 +455,30 @@ def load_model(model_id: str = "litemedsam", checkpoint=None, device: Optional[s
         log.warning("bf16 on a CPU without native bf16 (%s) is slower than fp32", cpu.model)
     builder = partial(_build_torch_net, spec, path, choice.device, torch_precision)
     model = PromptableModel(spec, None, choice.device, choice.reason, str(path), sha, torch_precision,
-                            bool(compile), _build_net=builder)
+                            bool(compile), _build_net=builder, torch_threads=n_threads if explicit_threads else None)
     info = {"runtime": "torch", "precision": torch_precision, "device": str(choice.device),
             "device_reason": choice.reason, "threads": n_threads, "threads_reason": threads_reason,
-            "torch_threads": torch.get_num_threads(), "decoder": "torch", "reason": plan.reason,
-            "compiled": bool(compile), "cpu": cpu.as_dict()}
+            "decoder": "torch", "reason": plan.reason, "compiled": bool(compile), "cpu": cpu.as_dict()}
     if plan.runtime == "openvino":
-        _use_openvino(model, plan.precision, n_threads, cache_dir, info)  # builds the net only to export
-    if model._fast_encoder is not None and model._fast_decoder is not None and not model.torch_net_built:
-        try:  # both run from cached exports: the prompts need 6 small tensors of the checkpoint, not the net
-            model._prompt_encoder = SparsePromptEncoder.from_state_dict(
-                load_state_dict_file(path, map_location="cpu", mmap=True), spec.input_size)
-        except (ModelError, KeyError, RuntimeError) as exc:
-            log.info("prompt encoder weights not read alone (%s: %s); building the torch model", type(exc).__name__, exc)
-    if model._prompt_encoder is None:
+        from .openvino_model import use_openvino
+
+        use_openvino(model, plan.precision, n_threads, cache_dir, info)  # builds the net only to export
+    if model._fast_encoder is None or model._fast_decoder is None:
+        model._prompt_encoder = None
         model.net  # noqa: B018  (built now: the torch runtime, or a fallback; a bad checkpoint fails here)
     info["torch_model"] = ("built" if model.torch_net_built else
                            "not built (encoder and decoder from cached OpenVINO exports; built when needed)")
+    info["torch_imported"] = "torch" in sys.modules
+    info["torch_threads"] = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     model.runtime, model.runtime_info = info["runtime"], info
     log.info("loaded model %s from %s (sha256 %s…): %s", model_id, path, sha[:12], describe(info))
     return model
 
 
-def _build_torch_net(spec: ModelSpec, path: Path, device: torch.device, precision: str) -> nn.Module:
+def _build_torch_net(spec: ModelSpec, path: Path, device: str, precision: str) -> "nn.Module":
     """The torch ``Sam`` module with the (already verified) checkpoint's weights, ready for inference."""
+    import torch
+
     state = load_state_dict_file(path, map_location="cpu")
     net = spec.builder()
     try:
@@ -416,7 +491,7 @@ def _build_torch_net(spec: ModelSpec, path: Path, device: torch.device, precisio
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     del state
-    net.eval().requires_grad_(False).to(device)
+    net.eval().requires_grad_(False).to(torch.device(str(device)))
     net.image_encoder.to(memory_format=torch.channels_last)
     if precision == "bf16":
         net.image_encoder.to(torch.bfloat16)
@@ -429,191 +504,3 @@ def describe(info: dict) -> str:
     return (f"encoder on {info['runtime']} {info['precision']} ({info['device']}), decoder on {info['decoder']}, "
             f"{info['threads']} threads ({info['threads_reason']}); CPU {cpu.get('model')} "
             f"[{' '.join(cpu.get('isa_flags', []))}]; reason: {info['reason']}")
-
-
-class _EncoderInput(nn.Module):
-    """The image encoder as exported: (1, 3, S, S) normalised input -> embedding."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder(x)
-
-
-def _probe_masks(model: PromptableModel, embedding: torch.Tensor, decoder=None) -> list:
-    """Masks (logits > 0) of the probe boxes decoded from ``embedding`` (torch decoder unless given)."""
-    from . import runtimes
-
-    out = []
-    for box in runtimes.probe_boxes(model.input_size):
-        if decoder is None:
-            logits, _ = model.decode(embedding, box_xy_model=box, fast=False)
-        else:
-            logits, _ = decoder(embedding, box)
-        out.append(logits.numpy())
-    return out
-
-
-def _use_openvino(model: PromptableModel, precision: str, threads: int, cache_dir, info: dict) -> None:
-    """Put the encoder (and the decoder) on OpenVINO, exported and checked; torch where that fails."""
-    from . import runtimes
-
-    try:
-        root = runtimes.cache_dir(cache_dir)
-        version = runtimes.openvino_version()
-        probe = _Probe(model)
-    except Exception as exc:  # openvino broken at import, no cache folder: stay correct on torch
-        log.warning("OpenVINO unavailable (%s: %s); the encoder runs on torch", type(exc).__name__, exc)
-        info["reason"] += f"; OpenVINO failed ({type(exc).__name__}: {exc}), torch fp32"
-        return
-    identity = {"model": model.spec.id, "weights_sha256": model.checkpoint_sha256, "runtime": "openvino",
-                "runtime_version": version, "input_size": model.input_size}
-    precisions = [precision] + (["fp32"] if precision == "bf16" else [])
-    for prec in precisions:
-        try:
-            encoder, entry, manifest, seconds = _openvino_encoder(model, prec, threads, root, identity, probe)
-        except ModelError:  # the checkpoint does not fit the model (found while building it to export)
-            raise
-        except Exception as exc:
-            log.warning("OpenVINO %s export of %s failed (%s: %s); the encoder runs on torch fp32", prec,
-                        model.spec.id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            info["reason"] += f"; OpenVINO export failed ({type(exc).__name__}), torch fp32"
-            return
-        check = manifest.get("check", {})
-        info.setdefault("exports", {})[f"encoder_{prec}"] = {"cache": str(entry), "export_seconds": round(seconds, 2),
-                                                             "cached": seconds == 0.0, "check": check}
-        if runtimes.check_passed(check, prec):
-            model._fast_encoder = encoder
-            info.update(runtime="openvino", precision=prec)
-            model.precision = prec
-            break
-        log.warning("OpenVINO %s encoder of %s failed its check against torch fp32 (%s)%s", prec, model.spec.id,
-                    check, "; trying fp32" if prec == "bf16" else "; the encoder runs on torch fp32")
-        info["reason"] += f"; {prec} failed its check ({check})"
-    if model._fast_encoder is None:
-        return
-    try:
-        _attach_openvino_decoder(model, threads, root, identity, probe, info)
-    except ModelError:
-        raise
-    except Exception as exc:
-        log.warning("OpenVINO export of the mask decoder failed (%s: %s); it runs on torch", type(exc).__name__, exc)
-
-
-class _Probe:
-    """The probe image, its torch fp32 embedding and probe-box logits, computed only when needed."""
-
-    def __init__(self, model: PromptableModel):
-        from . import runtimes
-
-        self.model = model
-        self.input = model.model_input(runtimes.probe_image(model.input_size)).contiguous()
-        self._reference = self._logits = None
-
-    @property
-    def reference(self) -> torch.Tensor:
-        if self._reference is None:
-            self._reference = self.model.torch_encode(self.input)
-        return self._reference
-
-    @property
-    def logits(self) -> list:
-        if self._logits is None:
-            self._logits = _probe_masks(self.model, self.reference)
-        return self._logits
-
-
-def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
-    from . import runtimes
-
-    compiled = {}
-    shape = tuple(probe.input.shape)  # (1, 3, S, S): the only input the session gives it
-
-    def timed(ov_model):
-        t = time.perf_counter()
-        out = ov_model(probe.input.numpy())[0]
-        return out, time.perf_counter() - t
-
-    def export(folder: Path) -> dict:
-        t0 = time.perf_counter()
-        xml = runtimes.export_openvino(_EncoderInput(model.net.image_encoder), (probe.input,), folder)
-        convert_s = time.perf_counter() - t0
-        ov_model = runtimes.OpenVINOModel(xml, prec, threads, shape)
-        timed(ov_model)  # first call: allocations
-        out, seconds = timed(ov_model)
-        emb = torch.from_numpy(out)
-        check = {"max_abs_diff": float((emb - probe.reference).abs().max()),
-                 "agreement_dice": runtimes.mask_agreement(probe.logits, _probe_masks(model, emb)),
-                 "seconds": round(seconds, 4), "threads": threads}
-        if prec == "bf16":
-            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads, shape)
-            timed(fp32)
-            check["fp32_seconds"] = round(timed(fp32)[1], 4)
-        compiled["model"] = ov_model
-        return {"check": check, "convert_seconds": round(convert_s, 2)}
-
-    entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
-    if not runtimes.check_passed(manifest.get("check", {}), prec):  # refused (bf16 here): not compiled for nothing
-        return None, entry, manifest, seconds
-    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape)
-    return ov_model, entry, manifest, seconds
-
-
-def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
-    from . import runtimes
-    from .decoder_export import FoldedDecoder, unblock_masks
-
-    grid = embedding_grid(model.input_size)
-    emb_shape = [1, EMBED_DIM, grid, grid]  # the embedding grid (known without building the torch net)
-    compiled = {}
-
-    def make_decoder(ov_model):
-        def run(emb, sp, pick):  # the picked masks, put in image order straight from OpenVINO's output buffer
-            return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, (grid, grid)),
-                                                        np.array(out[1][0, pick], dtype=np.float32)))
-        return run
-
-    def as_decode(decoder, pe):
-        def run(emb, box):
-            with torch.inference_mode():
-                sp, _ = pe(points=None, boxes=torch.tensor([box], dtype=torch.float32), masks=None)
-            masks, iou = decoder(emb.numpy(), sp.numpy(), [0])
-            return torch.from_numpy(masks), iou
-        return run
-
-    def export(folder: Path) -> dict:
-        pe, md = model.net.prompt_encoder, model.net.mask_decoder
-        with torch.inference_mode():
-            dense_pe = pe.get_dense_pe()
-            sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
-        if [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])] != emb_shape:
-            raise RuntimeError(f"{model.spec.id}: embedding {tuple(dense_pe.shape)}, expected {emb_shape}")
-        reference, ref_masks = probe.reference, probe.logits
-        # the same function, fewer operations, masks in blocked order (decoder_export)
-        folded = FoldedDecoder(md, dense_pe, dense, blocked=True).eval()
-        xml = runtimes.export_openvino(folded, (reference, sparse), folder,
-                                       input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
-        ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
-        decoder = make_decoder(ov_model)
-        masks = _probe_masks(model, reference, as_decode(decoder, pe))
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(masks, ref_masks))
-        compiled["model"] = ov_model
-        return {"check": {"max_abs_diff": diff, "agreement_dice": runtimes.mask_agreement(ref_masks, masks)}}
-
-    entry, manifest, seconds = runtimes.cached_export(root, "decoder", {**identity, "precision": "fp32",
-                                                                       "embedding": emb_shape,
-                                                                       "graph": FoldedDecoder.GRAPH}, export)
-    check = manifest.get("check", {})
-    info.setdefault("exports", {})["decoder"] = {"cache": str(entry), "export_seconds": round(seconds, 2),
-                                                 "cached": seconds == 0.0, "check": check}
-    # logits, not embeddings: a looser absolute bound (logits are ~10x larger), the same mask agreement
-    if check.get("agreement_dice", 0.0) < runtimes.MIN_AGREEMENT["fp32"] or check.get("max_abs_diff", 1.0) > 1e-2:
-        log.warning("OpenVINO mask decoder failed its check against torch (%s); it runs on torch", check)
-        return
-    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", "fp32", threads)
-    model._fast_decoder = make_decoder(ov_model)
-    if model.torch_net_built:  # else set when it is built
-        model._decoder_signature = _module_count(model.net.mask_decoder)
-    info["decoder"] = "openvino"

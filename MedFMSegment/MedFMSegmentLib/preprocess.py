@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import resample
 from .errors import InputError
-
-if TYPE_CHECKING:  # torch is imported where tensors are made: checking a volume or a preset needs none
-    import torch
+from .tensors import as_float32
 
 log = logging.getLogger(__name__)
 
@@ -206,62 +205,54 @@ def box_crop(box_xy, shape_yx, pixel_spacing_yx, size: int, context: float = 1.0
     return Crop(cx - half_x, cy - half_y, size * sx_mm / extent_mm, size * sy_mm / extent_mm, size)
 
 
-def _affine_grid(crop: Crop, shape_yx, out_hw) -> torch.Tensor:
-    """Sampling grid (normalised coords of the slice) for each output pixel of the crop."""
-    import torch
-
+def _affine_grid(crop: Crop, shape_yx, out_hw) -> Tuple[np.ndarray, np.ndarray]:
+    """Normalised slice coordinates (gx per output column, gy per output row) of the crop's pixels."""
     h, w = shape_yx
     oh, ow = out_hw
-    u = (torch.arange(ow, dtype=torch.float64) + 0.5) / crop.sx + crop.x0  # slice x (edge coords)
-    v = (torch.arange(oh, dtype=torch.float64) + 0.5) / crop.sy + crop.y0
-    gx = (u / w) * 2 - 1
-    gy = (v / h) * 2 - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-    return grid[None].float()
+    u = (np.arange(ow, dtype=np.float64) + 0.5) / crop.sx + crop.x0  # slice x (edge coords)
+    v = (np.arange(oh, dtype=np.float64) + 0.5) / crop.sy + crop.y0
+    return ((u / w) * 2 - 1).astype(np.float32), ((v / h) * 2 - 1).astype(np.float32)
 
 
 def slice_to_model(slice_u8: np.ndarray, crop: Crop) -> np.ndarray:
     """Resample a uint8 slice through ``crop`` into an (S, S) float32 image in [0, 1] (zeros outside)."""
-    import torch
-    import torch.nn.functional as F
-
-    img = torch.from_numpy(np.ascontiguousarray(slice_u8, dtype=np.float32) / 255.0)[None, None]
-    grid = _affine_grid(crop, slice_u8.shape, (crop.size, crop.size))
+    img = np.ascontiguousarray(slice_u8, dtype=np.float32) / np.float32(255.0)
+    gx, gy = _affine_grid(crop, slice_u8.shape, (crop.size, crop.size))
     # antialias when shrinking: average-pool first so thin structures are not aliased away
     shrink = min(crop.sx, crop.sy)
     if shrink < 0.5:
         f = int(1 / shrink)
-        img = F.avg_pool2d(img, f, ceil_mode=True)
+        img = resample.avg_pool(img, f)
         # same positions in the pooled image: g' = (g + 1) * w / (f * w') - 1
-        grid_scale = torch.tensor([slice_u8.shape[1] / (f * img.shape[-1]), slice_u8.shape[0] / (f * img.shape[-2])])
-        grid = (grid + 1) * grid_scale.float() - 1
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[0, 0].numpy()
+        one = np.float32(1)
+        gx = (gx + one) * np.float32(slice_u8.shape[1] / (f * img.shape[-1])) - one
+        gy = (gy + one) * np.float32(slice_u8.shape[0] / (f * img.shape[-2])) - one
+    return resample.grid_sample(img, gx, gy, padding="zeros")
 
 
-def model_to_slice(logits_model: torch.Tensor, crop: Crop, shape_yx) -> np.ndarray:
-    """Map (S, S) model-input logits back onto the slice grid; pixels outside the crop get -inf-ish.
+def _logits_2d(logits) -> np.ndarray:
+    """(S, S) float32 numpy logits from an array or a (CPU or GPU) torch tensor of shape (S, S) or (1, .., S, S)."""
+    lg = as_float32(logits)
+    return lg.reshape(lg.shape[-2:]) if lg.ndim > 2 else lg
+
+
+def model_to_slice(logits_model, crop: Crop, shape_yx) -> np.ndarray:
+    """Map (S, S) model-input logits (array or tensor) back onto the slice grid; pixels outside the crop get -20.
 
     Only the slice pixels inside the crop are resampled (a box's crop is a small part of a CT
     slice); each is computed exactly as on the whole grid, so the result is the same.
     """
-    import torch
-    import torch.nn.functional as F
-
     h, w = shape_yx
     out = np.full((h, w), -20.0, np.float32)
     # slice pixel centres -> model input normalised coords (float64, then float32 as grid_sample takes)
-    xs = ((torch.arange(w, dtype=torch.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1
-    ys = ((torch.arange(h, dtype=torch.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1
-    xs, ys = xs.float(), ys.float()
-    cols, rows = torch.nonzero(xs.abs() <= 1)[:, 0], torch.nonzero(ys.abs() <= 1)[:, 0]
+    xs = (((np.arange(w, dtype=np.float64) + 0.5 - crop.x0) * crop.sx) / crop.size * 2 - 1).astype(np.float32)
+    ys = (((np.arange(h, dtype=np.float64) + 0.5 - crop.y0) * crop.sy) / crop.size * 2 - 1).astype(np.float32)
+    cols, rows = np.nonzero(np.abs(xs) <= 1)[0], np.nonzero(np.abs(ys) <= 1)[0]
     if not len(cols) or not len(rows):
         return out
     c0, c1, r0, r1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1  # contiguous: monotonic
-    lg = logits_model.float()[None, None] if logits_model.dim() == 2 else logits_model.float()
+    lg = _logits_2d(logits_model)
     if lg.shape[-1] != crop.size:
-        lg = F.interpolate(lg, size=(crop.size, crop.size), mode="bilinear", align_corners=False)
-    grid = torch.stack(torch.meshgrid(ys[r0:r1], xs[c0:c1], indexing="ij")[::-1], dim=-1)[None]
-    out[r0:r1, c0:c1] = F.grid_sample(lg.cpu(), grid, mode="bilinear", padding_mode="border",
-                                      align_corners=False)[0, 0].numpy()
+        lg = resample.resize_bilinear(lg, (crop.size, crop.size))
+    out[r0:r1, c0:c1] = resample.grid_sample(lg, xs[c0:c1], ys[r0:r1], padding="border")
     return out

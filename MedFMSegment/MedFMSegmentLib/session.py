@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from . import geometry, runtimes
 from .embedding_cache import EmbeddingCache  # noqa: F401  (public here)
@@ -117,7 +116,7 @@ class PromptSession:
                  config: Optional[SessionConfig] = None, **model_kwargs):
         runtimes.limit_heap_fragmentation()  # embeddings freed by the LRU return to the OS
         self.model = model if isinstance(model, PromptableModel) else load_model(model, device=device, **model_kwargs)
-        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, dtype=torch.float16)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_bytes, dtype="float16")
         self.config = config or SessionConfig()
         self.adapter = None  # an object with .applied(model) context manager (MedFMTrainLib adapters)
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -233,8 +232,9 @@ class PromptSession:
         enc = getattr(self.adapter, "encoder_id", None)
         return (self._token, self.model.spec.id, self.model.precision, enc, axis, index, crop.key)
 
-    def embedding(self, axis: str, index: int, crop: Crop) -> torch.Tensor:
-        """The image embedding of a slice through ``crop`` (cached; waits for a prefetch in flight)."""
+    def embedding(self, axis: str, index: int, crop: Crop):
+        """The image embedding of a slice through ``crop`` (cached; waits for a prefetch in flight): a numpy
+        array from an OpenVINO encoder, a torch tensor from torch's (``model.encode``)."""
         key = self._key(axis, index, crop)
         self._cancel_far(axis, index)
         emb = self.cache.get(key)
@@ -249,7 +249,7 @@ class PromptSession:
                 log.debug("prefetch of %s failed; encoding now", key, exc_info=True)
         return self._encode(key, axis, index, crop)
 
-    def _encode(self, key, axis, index, crop) -> torch.Tensor:
+    def _encode(self, key, axis, index, crop):
         image = slice_to_model(self.normalised_slice(axis, index, crop.preset), crop)
         return self.cache.put(key, self.model.encode(image))
 

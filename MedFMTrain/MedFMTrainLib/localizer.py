@@ -171,7 +171,7 @@ class OrganLocalizer:
         key = (id(volume_u8), axis, index, crop.key)
         emb = self.cache.get(key) if self.cache is not None else None
         if emb is None:
-            emb = self.model.encode(slice_to_model(geometry.get_slice(volume_u8, axis, index), crop))
+            emb = torch.as_tensor(self.model.encode(slice_to_model(geometry.get_slice(volume_u8, axis, index), crop)))
             if self.cache is not None:
                 self.cache[key] = emb
         return predict_box(self.head, emb, crop, shape, self.threshold, self.state.extent_threshold)

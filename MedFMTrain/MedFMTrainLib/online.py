@@ -112,7 +112,8 @@ def corrected_samples(session, axis: str, crops: Optional[Dict[int, object]] = N
         target = (slice_to_model(mask * np.uint8(255), crop) > 0.5).astype(np.uint8)
         if target.sum() < 4:
             continue
-        out.append(Sample("box", number, emb[0].detach().clone().cpu(), target, crop, (crop.sx / sx, crop.sy / sy)))
+        emb = torch.as_tensor(emb[0]).detach().clone().cpu()  # the cache holds numpy (OpenVINO) or tensors
+        out.append(Sample("box", number, emb, target, crop, (crop.sx / sx, crop.sy / sy)))
     return out
 
 

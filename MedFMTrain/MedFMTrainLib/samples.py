@@ -132,7 +132,8 @@ class PoolBuilder:
         emb = self.model.encode(image01)
         self.encodes += 1
         self.tick(f"encoded {self.encodes} training crop(s)")
-        return emb[0].detach().clone().cpu()  # a normal tensor (inference tensors cannot enter autograd)
+        # a normal CPU tensor (inference tensors cannot enter autograd); an exported encoder gives numpy
+        return torch.as_tensor(emb[0]).detach().clone().cpu()
 
     def _sample(self, kind, number, ts: TrainingSlice, crop: Crop, augment: bool, click=None) -> Sample:
         image = slice_to_model(ts.image_u8, crop)

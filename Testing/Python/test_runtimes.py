@@ -257,21 +257,23 @@ def test_openvino_encoder_and_decoder_agree_with_torch(ov_model, litemedsam):
     assert check["agreement_dice"] >= 0.995 and check["max_abs_diff"] <= 1e-3
     assert info["cpu"]["isa_flags"] == list(runtimes.cpu_info().flags)
     img = _blob_image()
-    emb_ov, emb_torch = ov_model.encode(img), litemedsam.encode(img)
+    emb_ov, emb_torch = torch.as_tensor(ov_model.encode(img)), litemedsam.encode(img)  # numpy from OpenVINO
     assert emb_ov.shape == emb_torch.shape == (1, 256, 64, 64)
     assert float((emb_ov - emb_torch).abs().max()) <= 1e-3 and float(emb_torch.std()) > 0.01
     for box in ((70, 90, 170, 190), (100, 120, 140, 160)):
         fast, iou = ov_model.decode(emb_torch, box_xy_model=box, fast=True)
+        fast = torch.as_tensor(fast)  # numpy from the exported decoder
         ref, ref_iou = litemedsam.decode(emb_torch, box_xy_model=box)
         assert fast.shape == ref.shape == (1, 256, 256)
         assert float((fast - ref).abs().max()) <= 1e-2 and np.allclose(iou, ref_iou, atol=1e-3)
         assert runtimes.dice(fast.numpy() > 0, ref.numpy() > 0) >= 0.995 and (ref > 0).any()
     multi, multi_iou = ov_model.decode(emb_torch, box_xy_model=(70, 90, 170, 190), multimask=True, fast=True)
+    multi = torch.as_tensor(multi)
     ref, _ = litemedsam.decode(emb_torch, box_xy_model=(70, 90, 170, 190), multimask=True)
     assert multi.shape == (3, 256, 256) and float((multi - ref).abs().max()) <= 1e-2
     pts, _ = ov_model.decode(emb_torch, points_xy_model=[(120, 140), (20, 20)], point_labels=[1, 0], fast=True)
     ref, _ = litemedsam.decode(emb_torch, points_xy_model=[(120, 140), (20, 20)], point_labels=[1, 0])
-    assert float((pts - ref).abs().max()) <= 1e-2  # another number of prompt tokens (dynamic shape)
+    assert float((torch.as_tensor(pts) - ref).abs().max()) <= 1e-2  # another number of prompt tokens (dynamic shape)
 
 
 def test_a_modified_torch_decoder_is_used_instead_of_the_export(ov_model):
