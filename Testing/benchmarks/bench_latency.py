@@ -128,7 +128,7 @@ def encoder_rounds(args, threads: int, volume, cache_root: Path) -> dict:
                 t = time.perf_counter()
                 emb = m.encode(inp[5])
                 res[name]["times"].append(time.perf_counter() - t)
-                embs[name][i] = emb
+                embs[name][i] = torch.as_tensor(emb)  # numpy from OpenVINO, a tensor from torch
             logging.warning("threads=%d round %d %s: median so far %.3f s/slice (load %.2f)", threads, _, name,
                             statistics.median(res[name]["times"]), os.getloadavg()[0])
     ref_model = loaded["torch_eager_fp32"]
