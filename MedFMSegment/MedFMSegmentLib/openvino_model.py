@@ -42,6 +42,42 @@ def _encoder_input(encoder: "nn.Module") -> "nn.Module":
     return _EncoderInput(encoder)
 
 
+def encoder_stem_and_rest(encoder: "nn.Module", grid: int):
+    """(stem, rest) torch modules whose composition is ``encoder`` (bitwise; ``grid``: the embedding's side), for
+    a TinyViT encoder (LiteMedSAM): the stem (patch embedding + the first, convolutional stage at the highest resolution) is where
+    bf16 costs the most agreement and the least time; None for other encoders.
+
+    Measured on 15 real MR / CT crops (Intel Xeon with AMX, 2 threads; masks against torch fp32): all bf16
+    0.187 s, Dice mean 0.972 (min 0.914); stem fp32 + rest bf16 0.229 s, mean 0.987 (min 0.955); all fp32 0.403 s.
+    """
+    from torch import nn
+
+    layers = getattr(encoder, "layers", None)
+    if not all(hasattr(encoder, a) for a in ("patch_embed", "layers", "neck")) or len(layers) < 2:
+        return None
+
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed, self.first = encoder.patch_embed, layers[0]
+
+        def forward(self, x):
+            return self.first(self.patch_embed(x))
+
+    class Rest(nn.Module):  # TinyViT.forward_features after its first stage
+        def __init__(self):
+            super().__init__()
+            self.layers, self.neck = nn.ModuleList(list(layers)[1:]), encoder.neck
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            b, _, c = x.size()
+            return self.neck(x.view(b, grid, grid, c).permute(0, 3, 1, 2))
+
+    return Stem().eval(), Rest().eval()
+
+
 def _probe_masks(model, embedding, decoder=None) -> list:
     """Masks (logits > 0) of the probe boxes decoded from ``embedding`` (torch decoder unless given)."""
     out = []
@@ -135,13 +171,28 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
         out = ov_model(probe.input)[0]
         return out, time.perf_counter() - t
 
+    def compile_split(folder: Path, precision: str):
+        stem = runtimes.OpenVINOModel(folder / "stem.xml", "fp32", threads, shape)
+        stem_shape = [int(d) for d in stem.output_shape()]  # the rest compiled for its one input shape too
+        rest = runtimes.OpenVINOModel(folder / "model.xml", precision, threads, stem_shape)
+        return runtimes.ChainedModel([stem, rest])
+
     def export(folder: Path) -> dict:
         import torch
 
         t0 = time.perf_counter()
-        xml = runtimes.export_openvino(_encoder_input(model.net.image_encoder), (probe.input_tensor,), folder)
+        parts = encoder_stem_and_rest(model.net.image_encoder, embedding_grid(model.input_size)) if split else None
+        if parts is None:
+            xml = runtimes.export_openvino(_encoder_input(model.net.image_encoder), (probe.input_tensor,), folder)
+            ov_model = runtimes.OpenVINOModel(xml, prec, threads, shape)
+        else:  # the stem (fp32) and the rest (bf16), two graphs
+            stem, rest = parts
+            with torch.inference_mode():
+                stem_out = stem(probe.input_tensor)
+            runtimes.export_openvino(stem, (probe.input_tensor,), folder, name="stem")
+            runtimes.export_openvino(rest, (stem_out,), folder)
+            ov_model = compile_split(folder, prec)
         convert_s = time.perf_counter() - t0
-        ov_model = runtimes.OpenVINOModel(xml, prec, threads, shape)
         timed(ov_model)  # first call: allocations
         out, seconds = timed(ov_model)
         emb = torch.from_numpy(out)
@@ -149,17 +200,29 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
                  "agreement_dice": runtimes.mask_agreement(probe.logits, _probe_masks(model, emb)),
                  "seconds": round(seconds, 4), "threads": threads}
         if prec == "bf16":
-            fp32 = runtimes.OpenVINOModel(xml, "fp32", threads, shape)
+            fp32 = (runtimes.OpenVINOModel(xml, "fp32", threads, shape) if parts is None
+                    else compile_split(folder, "fp32"))
             timed(fp32)
             check["fp32_seconds"] = round(timed(fp32)[1], 4)
         compiled["model"] = ov_model
         return {"check": check, "convert_seconds": round(convert_s, 2)}
 
-    entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec}, export)
+    # bf16 keeps the stem in fp32 where the encoder can be split (encoder_stem_and_rest): a graph of its own
+    split = prec == "bf16" and _splittable(model)
+    graph = {"graph": "stem-fp32"} if split else {}
+    entry, manifest, seconds = runtimes.cached_export(root, "encoder", {**identity, "precision": prec, **graph}, export)
     if not runtimes.check_passed(manifest.get("check", {}), prec):  # refused (bf16 here): not compiled for nothing
         return None, entry, manifest, seconds
-    ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape)
+    ov_model = compiled.get("model")
+    if ov_model is None:
+        ov_model = (compile_split(entry, prec) if (entry / "stem.xml").is_file()
+                    else runtimes.OpenVINOModel(entry / "model.xml", prec, threads, shape))
     return ov_model, entry, manifest, seconds
+
+
+def _splittable(model) -> bool:
+    """A TinyViT encoder (LiteMedSAM), known from the model's spec without building its torch network."""
+    return "tinyvit" in model.spec.description.lower()
 
 
 def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:

@@ -388,8 +388,9 @@ def openvino_version() -> str:
     return ov.get_version()
 
 
-def export_openvino(module, example_inputs: tuple, folder: Path, input_shapes: Optional[list] = None) -> Path:
-    """Convert a torch module to OpenVINO IR (``model.xml`` + ``model.bin``, fp32 weights) in ``folder``."""
+def export_openvino(module, example_inputs: tuple, folder: Path, input_shapes: Optional[list] = None,
+                    name: str = "model") -> Path:
+    """Convert a torch module to OpenVINO IR (``NAME.xml`` + ``NAME.bin``, fp32 weights) in ``folder``."""
     import openvino as ov
     import torch
 
@@ -405,9 +406,25 @@ def export_openvino(module, example_inputs: tuple, folder: Path, input_shapes: O
             # load 4). The export is checked against torch on the probe image anyway.
             traced = torch.jit.trace(module, example, check_trace=False)
             model = ov.convert_model(traced, **kwargs)
-    xml = Path(folder) / "model.xml"
+    xml = Path(folder) / f"{name}.xml"
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
+
+
+class ChainedModel:
+    """Compiled OpenVINO models run one after the other (each one's first output is the next one's input),
+    e.g. an encoder's high-resolution stem in fp32 and the rest in bf16; called like an ``OpenVINOModel``."""
+
+    def __init__(self, models: Sequence["OpenVINOModel"]):
+        self.models = list(models)
+        self.threads = self.models[0].threads
+        self.precision = "+".join(m.precision for m in self.models)
+
+    def __call__(self, *arrays: np.ndarray) -> List[np.ndarray]:
+        out = self.models[0](*arrays)
+        for m in self.models[1:]:
+            out = m(out[0])
+        return out
 
 
 class OpenVINOModel:
@@ -434,6 +451,10 @@ class OpenVINOModel:
 
     def __call__(self, *arrays: np.ndarray) -> List[np.ndarray]:
         return self.run(arrays, lambda outputs: [np.array(o, dtype=np.float32, copy=True) for o in outputs])
+
+    def output_shape(self, index: int = 0) -> Tuple[int, ...]:
+        """The shape of output ``index`` (static when the model was compiled for one input shape)."""
+        return tuple(self._compiled.outputs[index].get_partial_shape().to_shape())
 
     def run(self, arrays: Sequence[np.ndarray], read: Callable[[List[np.ndarray]], object]):
         """``read(outputs)`` on the request's own output buffers (valid only inside ``read``: it copies

@@ -86,7 +86,7 @@ def test_the_blocked_masks_unblock_to_the_image_order(litemedsam, real_embedding
 @pytest.fixture(scope="module")
 def ov_litemedsam():
     pytest.importorskip("openvino")
-    m = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="fp32")
     if m.runtime_info.get("decoder") != "openvino":
         pytest.fail(f"the OpenVINO decoder was not attached: {m.runtime_info}")
     return m

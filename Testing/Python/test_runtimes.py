@@ -237,7 +237,7 @@ def test_openvino_conversion_sends_no_telemetry(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def ov_model():
     pytest.importorskip("openvino")
-    m = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="fp32")
     if m.runtime != "openvino":
         pytest.fail(f"OpenVINO export fell back to torch: {m.runtime_info['reason']}")
     return m
@@ -292,7 +292,7 @@ def test_a_modified_torch_decoder_is_used_instead_of_the_export(ov_model):
 
 
 def test_second_load_uses_the_cache_and_a_damaged_entry_is_refused(ov_model, tmp_path):
-    again = models.load_model("litemedsam", device="cpu", runtime="openvino")
+    again = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="fp32")
     for name in ("encoder_fp32", "decoder"):
         assert again.runtime_info["exports"][name]["cached"] and again.runtime_info["exports"][name]["export_seconds"] == 0
     entry = Path(again.runtime_info["exports"]["encoder_fp32"]["cache"])
@@ -316,3 +316,41 @@ def test_a_failed_export_falls_back_to_torch_with_one_log_line(monkeypatch, tmp_
     assert m.runtime == "torch" and m._fast_encoder is None and "export failed" in m.runtime_info["reason"]
     lines = [r for r in caplog.records if "OpenVINO" in r.getMessage()]
     assert len(lines) == 1 and "unsupported operation" in lines[0].getMessage()
+
+
+def test_the_tinyvit_stem_and_rest_compose_to_the_encoder_bitwise(litemedsam, colin27):
+    """bf16 keeps the encoder's stem in fp32: its two graphs are exported from these two modules, whose
+    composition is the encoder, bitwise, on a real MR crop."""
+    from MedFMSegmentLib.openvino_model import _splittable, encoder_stem_and_rest
+    from MedFMSegmentLib.preprocess import slice_to_model
+    from MedFMSegmentLib.session import PromptSession
+
+    s = PromptSession(litemedsam)
+    s.set_volume(*colin27)
+    crop = s.crop_for("axial", (60, 70, 120, 130), 70)
+    x = torch.from_numpy(litemedsam.model_input(slice_to_model(s.normalised_slice("axial", 70, crop.preset), crop)))
+    s.close()
+    assert _splittable(litemedsam)
+    stem, rest = encoder_stem_and_rest(litemedsam.net.image_encoder, 64)
+    with torch.inference_mode():
+        whole = litemedsam.net.image_encoder(x)
+        split = rest(stem(x))
+    assert split.shape == whole.shape == (1, 256, 64, 64) and torch.equal(split, whole) and float(whole.std()) > 0.01
+    assert encoder_stem_and_rest(torch.nn.Linear(2, 2), 64) is None  # not a TinyViT: one graph
+
+
+@pytest.mark.skipif(not runtimes.cpu_info().native_bf16, reason="bf16 is exported only on CPUs with native bf16")
+def test_bf16_export_runs_the_stem_in_fp32_and_passes_its_check(tmp_path):
+    pytest.importorskip("openvino")
+    m = models.load_model("litemedsam", device="cpu", runtime="openvino", precision="bf16", cache_dir=tmp_path)
+    exp = m.runtime_info["exports"]["encoder_bf16"]
+    entry = Path(exp["cache"])
+    assert (entry / "stem.xml").is_file() and (entry / "model.xml").is_file()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["identity"]["graph"] == "stem-fp32" and {"stem.bin", "model.bin"} <= set(manifest["files"])
+    check = exp["check"]
+    if runtimes.bf16_accepted(check):  # chosen: the stem in fp32, the rest in bf16
+        assert m.precision == "bf16" and isinstance(m._fast_encoder, runtimes.ChainedModel)
+        assert m._fast_encoder.precision == "fp32+bf16" and check["agreement_dice"] >= 0.98
+    else:  # refused (its masks disagree or it is not faster): fp32, as the gate says
+        assert m.precision == "fp32" and "bf16 failed its check" in m.runtime_info["reason"]
