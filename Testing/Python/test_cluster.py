@@ -236,7 +236,7 @@ def test_local_cluster_matches_serial_and_survives_a_killed_worker(tmp_path, cap
     killer = threading.Thread(target=kill_first_running_worker, daemon=True)
     killer.start()
     code, stdout, err = run(["-q", "batch", cases, "--prompts-dir", prompts, "--output-dir", clustered,
-                             "--cluster", "local:2"], capsys)
+                             "--cluster", "local:2", "--runtime", "torch"], capsys)  # the serial run's runtime
     killer.join(5)
     assert killed, "no case was seen running"
     assert code == 1, err
