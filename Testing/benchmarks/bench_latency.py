@@ -287,6 +287,12 @@ sys.path[:0] = {paths!r}
 import psutil
 rss = lambda: round(psutil.Process().memory_info().rss / 2**20, 1)
 HEAVY = ("torch", "torchvision", "timm", "segment_anything", "openvino", "SimpleITK")
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's size from before exec on Linux)
+    try:
+        with open("/proc/self/status") as fh:
+            return round(next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024, 1)
+    except (OSError, StopIteration):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 steps, imported = {{"python": rss()}}, {{}}
 def step(name):
     steps[name] = rss()
@@ -319,7 +325,7 @@ step("cache_filled")
 import hashlib
 print(json.dumps({{"rss_mb_steps": steps, "heavy_modules_imported": imported,
                   "torch_imported": "torch" in sys.modules, "torch_model_built": getattr(m, "torch_net_built", True),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "peak_rss_mb": peak_mb(),
                   "masks_sha256": hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in masks)).hexdigest()[:16],
                   "mask_voxels": [int(x.sum()) for x in masks], "code": {paths!r}[0],
                   "cache_mb": round(s.cache.nbytes / 2**20, 1), "cache_max_mb": s.cache.max_bytes >> 20,
