@@ -28,9 +28,8 @@ class EmbeddingCache:
     from fp16-stored embeddings agree with fp32 at Dice >= 0.999, see Testing/benchmarks/bench_latency.py);
     None stores them as given. Embeddings are numpy arrays (an OpenVINO encoder's) or torch tensors
     (torch's), returned as the kind they came in (a torch dtype is accepted for ``dtype`` too). The float32
-    copy last returned is kept (4 MB for LiteMedSAM, not counted
-    in ``nbytes``): a second prompt on the same slice skips the conversion (1.6 ms CPU). Treat what
-    ``get`` returns as read-only.
+    copy last returned is kept (4 MB for LiteMedSAM, not counted in ``nbytes``): a second prompt on the same
+    slice skips the conversion (2 ms CPU). Treat what ``get`` returns as read-only.
     """
 
     def __init__(self, max_bytes: int = 2 << 30, dtype=None):
