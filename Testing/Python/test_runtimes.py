@@ -354,3 +354,43 @@ def test_bf16_export_runs_the_stem_in_fp32_and_passes_its_check(tmp_path):
         assert m._fast_encoder.precision == "fp32+bf16" and check["agreement_dice"] >= 0.98
     else:  # refused (its masks disagree or it is not faster): fp32, as the gate says
         assert m.precision == "fp32" and "bf16 failed its check" in m.runtime_info["reason"]
+
+
+@pytest.mark.slow
+def test_a_sam_vit_checkpoint_a_user_brings_goes_to_openvino_and_then_runs_without_torch(tmp_path):
+    """A SAM ViT-B checkpoint (here: the architecture with seeded random weights, saved as a user's
+    state dict; 1024 px input): its encoder and decoder export to OpenVINO fp32 and pass their checks
+    against torch; loaded again from the cache, a box on a slice runs with no torch imported, and the mask
+    is the one this process's torch model gives (Dice >= 0.99)."""
+    pytest.importorskip("openvino")
+    from MedFMSegmentLib.model_registry import get_spec
+    from MedFMSegmentLib.session import PromptSession
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "sam_vit_b_random.pth"
+    torch.save(get_spec("sam_vit_b").builder().state_dict(), ckpt)
+    kw = dict(checkpoint=ckpt, allow_unverified=True, runtime="openvino", precision="fp32", cache_dir=tmp_path / "c")
+    m = models.load_model("sam_vit_b", **kw)
+    assert m.runtime == "openvino" and m.runtime_info["decoder"] == "openvino", m.runtime_info["reason"]
+    enc = m.runtime_info["exports"]["encoder_fp32"]["check"]
+    assert enc["agreement_dice"] >= 0.995 and enc["max_abs_diff"] <= 1e-3
+    volume = (np.random.default_rng(1).integers(0, 255, (3, 96, 128)).astype(np.int16), np.eye(4))
+    volume[0][1, 30:70, 40:90] = 600
+    np.savez(tmp_path / "vol.npz", array=volume[0], affine=volume[1])
+    script = (f"import sys, json\nsys.path.insert(0, {str(SEGMENT_DIR)!r})\nimport numpy as np\n"
+              "from MedFMSegmentLib import models\nfrom MedFMSegmentLib.session import PromptSession\n"
+              f"m = models.load_model('sam_vit_b', checkpoint={str(ckpt)!r}, allow_unverified=True, runtime='openvino',"
+              f" precision='fp32', cache_dir={str(tmp_path / 'c')!r})\n"
+              f"d = np.load({str(tmp_path / 'vol.npz')!r}); s = PromptSession(m); s.set_volume(d['array'], d['affine'])\n"
+              "r = s.add_box('axial', 1, (38, 28, 92, 72))\n"
+              f"np.save({str(tmp_path / 'mask.npy')!r}, r.mask)\n"
+              "print(json.dumps({'torch': 'torch' in sys.modules, 'cached': m.runtime_info['exports']['encoder_fp32']['cached']}))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False, "cached": True}
+    ref = models.load_model("sam_vit_b", checkpoint=ckpt, allow_unverified=True, runtime="torch")
+    s = PromptSession(ref)
+    s.set_volume(*volume)
+    expected = s.add_box("axial", 1, (38, 28, 92, 72)).mask
+    got = np.load(tmp_path / "mask.npy")
+    assert expected.sum() > 100 and runtimes.dice(got, expected) >= 0.99
