@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import geometry
+from . import geometry, review as review_features
 from .errors import Cancelled, InputError
 from .session import keep_components_touching
 
@@ -78,6 +78,11 @@ class PropagationConfig:
     # probably stopped too early.
     confidence_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0))
     confidence_decay_slices: float = 10.0
+    # Learned review (review.slice_features, weights fitted by Testing/benchmarks/fit_review.py): when set,
+    # a slice's confidence is clip(confidence_model . features, 0, 1) and the review order its predicted
+    # wrong pixels, (1 + area) x exp(review_order . features) - 1 (None: confidence_of / expected_wrong).
+    confidence_model: Optional[Tuple[Tuple[str, float], ...]] = None
+    review_order: Optional[Tuple[Tuple[str, float], ...]] = None
 
 
 def _check_callbacks(should_stop: ShouldStop):
@@ -564,6 +569,13 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
     for i in result.confidence:
         wrong.setdefault(i, expected_wrong({"area": float(geometry.get_slice(result.mask, axis, i).sum())},
                                            result.confidence[i]))
+    result.features = review_features.slice_features(result.signals, result.mask, axis, fixed, fixed_set - pinned,
+                                                     indices=list(result.confidence), scores=result.confidence)
+    for i, f in result.features.items():
+        if cfg.confidence_model:
+            result.confidence[i] = round(float(np.clip(review_features.linear(f, cfg.confidence_model), 0, 1)), 4)
+        if cfg.review_order:
+            wrong[i] = float((1 + np.expm1(f["log_area"])) * np.exp(review_features.linear(f, cfg.review_order)) - 1)
     result.review = [{"axis": axis, "index": int(i), "confidence": c, "expected_wrong": round(wrong[i], 1)}
                      for i, c in sorted(result.confidence.items(), key=lambda kv: (-wrong[kv[0]], kv[1], kv[0]))]
     if progress is not None:

@@ -31,6 +31,7 @@ class VolumeResult:
     # [{"axis", "index", "confidence", "expected_wrong"}]: the slice a correction probably helps most first,
     # i.e. by (1 - confidence) x mask area (propagate.expected_wrong), then least confident first
     review: List[dict] = field(default_factory=list)
+    features: Dict[int, Dict[str, float]] = field(default_factory=dict)  # reviewed slice -> review.slice_features
     recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
     crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
     jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice

@@ -1,0 +1,149 @@
+"""Fit the review list's weights from bench_effort results, leave-one-dataset-out, and score them offline.
+
+    python Testing/benchmarks/fit_review.py ALL.json [MORE.json ...] --out models.json [--modes guided oracle]
+
+From the review rows (every reviewed slice at every step: ``review.slice_features`` and the true per-slice
+Dice and wrong pixels) of the given modes, ridge least squares fits
+- ``order``: log((1 + wrong pixels) / (1 + area)) from the features (the order: log(1 + area) + this);
+- ``confidence``: the per-slice Dice from the features (clipped to [0, 1]).
+Each dataset (volume: mri, ct, chest_ct, tumour_mr) gets the weights fitted on the others (``--out``:
+``{volume: {"order": [...], "confidence": [...]}, "*": fitted on all}``, bench_effort ``--review-models``).
+Printed, per held-out dataset and pooled: the confidence's Spearman with the Dice (held-out fits, the rows
+of ``--score-modes``), and the one-step pick quality of each order (the wrong pixels of the slice it picks
+over the most wrong pixels among the reviewable, not yet corrected slices, mean over steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment")]
+
+from bench_effort import spearman  # noqa: E402
+from MedFMSegmentLib.review import FEATURES  # noqa: E402
+
+ORDER_FEATURES = FEATURES
+CONF_FEATURES = tuple(f for f in FEATURES if f != "log_area")
+
+
+def load(paths, modes):
+    """[(structure, volume, mode, record)] from result files (a structure in several: the first file's)."""
+    out, seen = [], set()
+    for p in paths:
+        for name, row in json.loads(Path(p).read_text())["structures"].items():
+            for mode in modes:
+                if mode in row and (name, mode) not in seen:
+                    seen.add((name, mode))
+                    out.append((name, row["volume"], mode, row[mode]))
+    return out
+
+
+def matrix(rows, names):
+    return np.array([[r["features"].get(n, 0.0) for n in names] for r in rows], float)
+
+
+def targets(rows):
+    area = np.array([np.expm1(r["features"]["log_area"]) for r in rows])
+    wrong = np.array([r["wrong"] for r in rows], float)
+    return np.log((1 + wrong) / (1 + area)), np.array([r["dice"] for r in rows], float)
+
+
+def ridge(x, y, w, lam):
+    """Weighted ridge least squares (the bias, column 0, unpenalised)."""
+    sw = np.sqrt(w)[:, None]
+    a, b = x * sw, y * sw[:, 0]
+    pen = np.eye(x.shape[1]) * lam * w.sum()
+    pen[0, 0] = 0.0
+    return np.linalg.solve(a.T @ a + pen, a.T @ b)
+
+
+def fit(recs, lam):
+    rows, wts = [], []
+    for name, vol, mode, rec in recs:
+        rs = [r for r in rec["review"] if "features" in r]
+        rows += rs
+        wts += [1.0 / max(len(rs), 1)] * len(rs)  # every (structure, mode) weighs the same
+    if not rows:
+        return None
+    w = np.array(wts)
+    y_order, y_dice = targets(rows)
+    order = ridge(matrix(rows, ORDER_FEATURES), y_order, w, lam)
+    conf = ridge(matrix(rows, CONF_FEATURES), y_dice, w, lam)
+    return {"order": [[n, round(float(v), 5)] for n, v in zip(ORDER_FEATURES, order)],
+            "confidence": [[n, round(float(v), 5)] for n, v in zip(CONF_FEATURES, conf)]}
+
+
+def lin(feats, weights):
+    return sum(w * feats.get(n, 0.0) for n, w in weights)
+
+
+def pick_quality(rec, score):
+    """Mean over steps of wrong[pick] / max wrong among the reviewable, not yet corrected slices."""
+    q = []
+    touched = rec["touched"]
+    for step in range(len(touched) - 1):
+        done = set(touched[:step + 1])
+        cand = [r for r in rec["review"] if r["step"] == step and r["index"] not in done]
+        if not cand:
+            continue
+        best = max(r["wrong"] for r in cand)
+        if best <= 0:
+            continue
+        pick = max(cand, key=lambda r: (score(r), -r["index"]))
+        q.append(pick["wrong"] / best)
+    return float(np.mean(q)) if q else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--modes", nargs="+", default=None, help="records to fit on (default: every mode)")
+    p.add_argument("--score-modes", nargs="+", default=["guided"], help="records to score Spearman on")
+    p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    modes = args.modes
+    if modes is None:
+        st = json.loads(Path(args.files[0]).read_text())["settings"]
+        modes = list(st["modes"])
+    recs = load(args.files, sorted(set(modes) | set(args.score_modes)))
+    fit_recs = [r for r in recs if r[2] in modes]
+    vols = sorted({v for _, v, _, _ in recs})
+    models = {"*": fit(fit_recs, args.lam)}
+    for v in vols:
+        models[v] = fit([r for r in fit_recs if r[1] != v], args.lam)
+    report = {"per_volume": {}, "pooled": {}}
+    pooled_c, pooled_d, pooled_old = [], [], []
+    quality = {}
+    for name, vol, mode, rec in recs:
+        m = models[vol]
+        rows = [r for r in rec["review"] if "features" in r]
+        if mode in args.score_modes:
+            pooled_c += [float(np.clip(lin(r["features"], m["confidence"]), 0, 1)) for r in rows]
+            pooled_d += [r["dice"] for r in rows]
+            pooled_old += [r["confidence"] for r in rows]
+        scorers = {"engine": lambda r: r["expected_wrong"],
+                   "model_heldout": lambda r, m=m: r["features"]["log_area"] + lin(r["features"], m["order"]),
+                   "model_insample": lambda r: r["features"]["log_area"] + lin(r["features"], models["*"]["order"]),
+                   "area": lambda r: r["features"]["log_area"]}
+        for sname, fn in scorers.items():
+            qv = pick_quality(rec, fn)
+            if qv is not None:
+                quality.setdefault(mode, {}).setdefault(sname, []).append((name, round(qv, 3)))
+    report["spearman_heldout_confidence"] = spearman(pooled_c, pooled_d)
+    report["spearman_engine_confidence"] = spearman(pooled_old, pooled_d)
+    report["pick_quality"] = {mode: {s: {"mean": round(float(np.mean([v for _, v in lst])), 3), "per": lst}
+                                     for s, lst in d.items()} for mode, d in quality.items()}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(models, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
