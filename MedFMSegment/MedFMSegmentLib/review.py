@@ -15,7 +15,10 @@ slice of the result), ``rel_area`` (the slice's area over the result's largest s
 (log(1 + area)), ``area_jump`` (|log of the area over its two neighbours' mean|, areas + 1: a leak or a
 dropout), ``log_to_end`` (log(1 + slices to the nearer end of the result)), and the products
 ``log_distance_outside``, ``border_log_distance`` (how far the walk went before it stopped) and
-``agree_inside`` (agreement with the interpolated shape).
+``agree_inside`` (agreement with the interpolated shape); ``toward_empty`` (1 between two fixed slices of
+which one is empty: the object ends between them, where a walk that leaked runs on); ``confidence`` (the
+slice's ``scores`` entry: propagate passes the confidence of ``confidence_of``) and ``log_doubt`` (log(1.01 -
+confidence)); ``log_beyond``, ``log_behind``, ``log_gap_wrong``: see ``add_sums``.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from . import geometry
 
 FEATURES = ("bias", "iou", "jitter", "agree", "no_model", "log_distance", "inside", "log_gap", "outside",
             "border", "border_score", "prompted", "end", "rel_area", "log_area", "area_jump", "log_to_end",
-            "log_distance_outside", "border_log_distance", "agree_inside")
+            "log_distance_outside", "border_log_distance", "agree_inside", "toward_empty", "confidence",
+            "log_doubt", "log_beyond", "log_behind", "log_gap_wrong")
 
 
 def slice_features(signals: Dict[int, Dict[str, float]], mask: np.ndarray, axis: str, fixed: Sequence[int],
@@ -36,8 +40,8 @@ def slice_features(signals: Dict[int, Dict[str, float]], mask: np.ndarray, axis:
                    scores: Dict[int, float] = None) -> Dict[int, Dict[str, float]]:
     """Features (module docstring) of ``indices`` (default: every slice with signals and the prompted ones).
 
-    ``fixed``: the prompted and corrected slices of ``axis``; ``prompted``: those not corrected (their
-    ``scores[k]`` is their predicted IoU); ``mask``: the result's volume."""
+    ``fixed``: the prompted and corrected slices of ``axis``; ``prompted``: those not corrected; ``scores``:
+    each slice's confidence (a prompted slice's: its predicted IoU); ``mask``: the result's volume."""
     fixed = sorted(int(f) for f in fixed)
     prompted = {int(p) for p in prompted}
     scores = scores or {}
@@ -71,8 +75,32 @@ def slice_features(signals: Dict[int, Dict[str, float]], mask: np.ndarray, axis:
         f["log_distance_outside"] = f["log_distance"] * f["outside"]
         f["border_log_distance"] = f["log_distance"] * f["border"]
         f["agree_inside"] = f["agree"] * f["inside"]
+        f["toward_empty"] = float(inside and min(areas[below], areas[above]) == 0)
+        f["confidence"] = float(scores.get(k, 0.5))
+        f["log_doubt"] = float(np.log(1.01 - f["confidence"]))
         out[k] = f
-    return out
+    return add_sums(out, fixed, {k: (1 - f["confidence"]) * np.expm1(f["log_area"]) for k, f in out.items()})
+
+
+def add_sums(feats: Dict[int, Dict[str, float]], fixed: Sequence[int], wrong: Dict[int, float]):
+    """Add what a correction of a slice could reach, from each reviewed slice's expected wrong pixels
+    ``wrong`` (``propagate.expected_wrong``): ``log_beyond`` / ``log_behind`` (log(1 + the sum over the
+    reviewed slices further out / between the slice and the fixed slice it was walked from), slices
+    beyond the outermost fixed slices) and ``log_gap_wrong`` (the sum over the slices between the two
+    fixed slices around a slice between them). Returns ``feats``."""
+    fixed = sorted(int(x) for x in fixed)
+    for k, f in feats.items():
+        beyond = behind = gap = 0.0
+        below = [x for x in fixed if x < k]
+        above = [x for x in fixed if x > k]
+        if f.get("inside"):
+            gap = sum(w for j, w in wrong.items() if below[-1] < j < above[0])
+        elif f.get("outside") and (below or above):
+            start, out = (below[-1], 1) if not above else (above[0], -1)
+            beyond = sum(w for j, w in wrong.items() if (j - k) * out > 0)
+            behind = sum(w for j, w in wrong.items() if (j - k) * out < 0 and (j - start) * out > 0)
+        f["log_beyond"], f["log_behind"], f["log_gap_wrong"] = (float(np.log1p(v)) for v in (beyond, behind, gap))
+    return feats
 
 
 def linear(features: Dict[str, float], weights: Sequence[Tuple[str, float]]) -> float:

@@ -17,7 +17,7 @@ Per structure (axial slicing), a simulated user:
   ``oracle`` (the slice with the most wrong voxels); ``--adapt`` adds ``guided_adapt`` (guided with
   the online adapter, MedFMTrainLib.online, updated from the corrected slices before re-propagation);
   ``--modes guided:POLICY`` adds a guided user visiting the review list in another order (``policy_order``:
-  ``tau5`` / ``tau3``, ``dist``, ``ends``, ``model`` with ``--review-models``, weights from ``fit_review.py``).
+  ``tau5`` / ``tau3``, ``dist``, ``ends``, ``model`` / ``gain`` with ``--review-models``, weights from ``fit_review.py``).
 
 Reported: 3D Dice after each step, slices touched (box slice + corrections) to reach 0.85 / 0.90,
 slices visited by the first propagation vs the true extent, time per re-propagation / adaptation,
@@ -140,11 +140,12 @@ def policy_order(vol, mode, models=None):
     ("guided:tau5" / "guided:tau3": (1 - confidence) x area with a 5 / 3 slice distance decay; "guided:dist":
     area x (1 - exp(-distance / 5)) on propagated slices; "guided:ends": the engine's expected wrong pixels
     x 3 on the result's first / last slice and the border slices; "guided:model": the predicted log wrong pixels,
-    log(1 + area) + models["order"] . features)."""
+    log(1 + area) + models["order"] . features; "guided:gain": the predicted 3D Dice gain, models["gain"] .
+    features)."""
     if ":" not in mode:  # guided, guided_adapt
         return [r["index"] for r in vol.review]
     policy = mode.split(":", 1)[1]
-    feats = features_of(vol) if policy in ("model", "ends") else None
+    feats = features_of(vol) if policy in ("model", "ends", "gain") else None
     score = {}
     for item in vol.review:
         k, sig = item["index"], vol.signals.get(item["index"])
@@ -157,6 +158,8 @@ def policy_order(vol, mode, models=None):
             s *= 3.0 if feats[k]["border"] or feats[k]["end"] else 1.0
         elif policy == "model":
             s = feats[k]["log_area"] + R.linear(feats[k], models["order"])
+        elif policy == "gain":
+            s = R.linear(feats[k], models["gain"])
         score[k] = s
     return sorted(score, key=lambda k: (-score[k], k))
 
@@ -460,7 +463,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--structures", nargs="+", default=DEFAULT)
     p.add_argument("--modes", nargs="+", default=["guided", "oracle"],
-                   help="guided, oracle, or guided:POLICY (policy_order: tau5, tau3, dist, ends, model)")
+                   help="guided, oracle, or guided:POLICY (policy_order: tau5, tau3, dist, ends, model, gain)")
     p.add_argument("--review-models", help='JSON {volume or "*": {"order": [[feature, weight], ...], '
                    '"confidence": [...]}} for guided:model (per volume: weights fitted without its dataset)')
     p.add_argument("--corrections", type=int, default=10)

@@ -5,7 +5,8 @@
 From the review rows (every reviewed slice at every step: ``review.slice_features`` and the true per-slice
 Dice and wrong pixels) of the given modes, ridge least squares fits
 - ``order``: log((1 + wrong pixels) / (1 + area)) from the features (the order: log(1 + area) + this);
-- ``confidence``: the per-slice Dice from the features (clipped to [0, 1]).
+- ``confidence``: the per-slice Dice from the features (clipped to [0, 1]);
+- ``gain``: the 3D Dice a correction of the slice gained, from the picked slices' features.
 Each dataset (volume: mri, ct, chest_ct, tumour_mr) gets the weights fitted on the others (``--out``:
 ``{volume: {"order": [...], "confidence": [...]}, "*": fitted on all}``, bench_effort ``--review-models``).
 Printed, per held-out dataset and pooled: the confidence's Spearman with the Dice (held-out fits, the rows
@@ -25,10 +26,34 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment")]
 
 from bench_effort import spearman  # noqa: E402
-from MedFMSegmentLib.review import FEATURES  # noqa: E402
+from MedFMSegmentLib.review import FEATURES, add_sums  # noqa: E402
 
 ORDER_FEATURES = FEATURES
 CONF_FEATURES = tuple(f for f in FEATURES if f != "log_area")
+
+
+def augment(rec):
+    """Features that the rows of older runs lack, from the record: ``toward_empty`` (a pinned slice is the
+    ground truth: empty where its gt_area is 0; a slice never reviewed was picked for its missing mask)."""
+    gt_area = {r["index"]: r.get("gt_area") for r in rec["review"]}
+    for r in rec["review"]:
+        f = r.get("features")
+        if f is None or "log_doubt" in f:
+            continue
+        f["confidence"] = float(r["confidence"])
+        f["log_doubt"] = float(np.log(1.01 - f["confidence"]))
+        fixed = sorted(set(rec["touched"][:r["step"] + 1]))
+        below = [x for x in fixed if x < r["index"]]
+        above = [x for x in fixed if x > r["index"]]
+        inside = bool(f["inside"]) and below and above
+        f["toward_empty"] = float(bool(inside) and any(gt_area.get(x) == 0 for x in (below[-1], above[0])
+                                                       if x != rec["touched"][0]))
+    for step in {r["step"] for r in rec["review"]}:
+        rows = {r["index"]: r["features"] for r in rec["review"] if r["step"] == step and "features" in r}
+        if rows and "log_beyond" not in next(iter(rows.values())):
+            wrong = {r["index"]: float(r["expected_wrong"]) for r in rec["review"] if r["step"] == step}
+            add_sums(rows, sorted(set(rec["touched"][:step + 1])), wrong)
+    return rec
 
 
 def load(paths, modes):
@@ -39,7 +64,7 @@ def load(paths, modes):
             for mode in modes:
                 if mode in row and (name, mode) not in seen:
                     seen.add((name, mode))
-                    out.append((name, row["volume"], mode, row[mode]))
+                    out.append((name, row["volume"], mode, augment(row[mode])))
     return out
 
 
@@ -74,8 +99,20 @@ def fit(recs, lam):
     y_order, y_dice = targets(rows)
     order = ridge(matrix(rows, ORDER_FEATURES), y_order, w, lam)
     conf = ridge(matrix(rows, CONF_FEATURES), y_dice, w, lam)
-    return {"order": [[n, round(float(v), 5)] for n, v in zip(ORDER_FEATURES, order)],
-            "confidence": [[n, round(float(v), 5)] for n, v in zip(CONF_FEATURES, conf)]}
+    out = {"order": [[n, round(float(v), 5)] for n, v in zip(ORDER_FEATURES, order)],
+           "confidence": [[n, round(float(v), 5)] for n, v in zip(CONF_FEATURES, conf)]}
+    picked, gains = [], []  # the 3D Dice gained by correcting the slice a user picked, from its features
+    for name, vol, mode, rec in recs:
+        for step in range(len(rec["touched"]) - 1):
+            row = next((r for r in rec["review"] if r["step"] == step and r["index"] == rec["touched"][step + 1]
+                        and "features" in r), None)
+            if row is not None:
+                picked.append(row)
+                gains.append(rec["dice"][step + 1] - rec["dice"][step])
+    if picked:
+        gain = ridge(matrix(picked, ORDER_FEATURES), np.array(gains), np.ones(len(picked)), lam)
+        out["gain"] = [[n, round(float(v), 5)] for n, v in zip(ORDER_FEATURES, gain)]
+    return out
 
 
 def lin(feats, weights):
@@ -130,6 +167,7 @@ def main(argv=None):
         scorers = {"engine": lambda r: r["expected_wrong"],
                    "model_heldout": lambda r, m=m: r["features"]["log_area"] + lin(r["features"], m["order"]),
                    "model_insample": lambda r: r["features"]["log_area"] + lin(r["features"], models["*"]["order"]),
+                   "gain_heldout": lambda r, m=m: lin(r["features"], m["gain"]),
                    "area": lambda r: r["features"]["log_area"]}
         for sname, fn in scorers.items():
             qv = pick_quality(rec, fn)
