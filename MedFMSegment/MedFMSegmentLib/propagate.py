@@ -78,11 +78,50 @@ class PropagationConfig:
     # probably stopped too early.
     confidence_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0))
     confidence_decay_slices: float = 10.0
-    # Learned review (review.slice_features, weights fitted by Testing/benchmarks/fit_review.py): when set,
-    # a slice's confidence is clip(confidence_model . features, 0, 1) and the review order its predicted
-    # wrong pixels, (1 + area) x exp(review_order . features) - 1 (None: confidence_of / expected_wrong).
-    confidence_model: Optional[Tuple[Tuple[str, float], ...]] = None
-    review_order: Optional[Tuple[Tuple[str, float], ...]] = None
+    # The two weights above make the *base* confidence: review.slice_features' "confidence" / "log_doubt"
+    # and the expected wrong pixels of its sums, what the review order's weights were fitted on. The
+    # confidence a result reports (VolumeResult.confidence / review) is its own rule, ``review_confidence``:
+    # the weighted mean of these signals times exp(-distance / value_decay_slices), x (1 - outside_factor)
+    # beyond the outermost fixed slice (walks toward an end: the corrections' true Dice there is lower), x
+    # ((1 - area_weight) + area_weight x the slice's area over the result's largest section) (slivers near
+    # the ends go wrong). bench_effort guided rows, 11 structures, Spearman with the true slice Dice, chosen
+    # leave-one-dataset-out from a grid (decay 10 / 20, with / without agree, outside 0 / 0.2 / 0.5, area
+    # 0 / 0.25 / 0.5): held out 0.643, the base confidence 0.54 (fit in README, "Correction loop").
+    value_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0))
+    value_decay_slices: float = 20.0
+    value_outside_factor: float = 0.2
+    value_area_weight: float = 0.5
+    # The review order: the predicted wrong pixels, (1 + area) x exp(review_order . features) - 1 (features:
+    # review.slice_features); None: expected_wrong of the base confidence (the order before session 9).
+    # Weights: Testing/benchmarks/fit_review.py (ridge least squares of log((1 + wrong) / (1 + area)) on the
+    # review rows of bench_effort, 11 structures, every simulated user; see README "Correction loop").
+    review_order: Optional[Tuple[Tuple[str, float], ...]] = (
+        ("bias", 2.17276),
+        ("iou", -0.4022),
+        ("jitter", -0.29008),
+        ("agree", -0.46707),
+        ("no_model", -0.58861),
+        ("log_distance", 0.09124),
+        ("inside", -0.45186),
+        ("log_gap", -0.4029),
+        ("outside", -0.18266),
+        ("border", -0.58861),
+        ("border_score", -0.11057),
+        ("prompted", 0.63452),
+        ("end", -0.30393),
+        ("rel_area", -0.93014),
+        ("log_area", -0.22741),
+        ("area_jump", 0.07012),
+        ("log_to_end", -0.27086),
+        ("log_distance_outside", -0.1627),
+        ("border_log_distance", -0.18795),
+        ("agree_inside", -0.84309),
+        ("toward_empty", 0.30483),
+        ("confidence", 0.33573),
+        ("log_doubt", 0.37503),
+        ("log_beyond", 0.15598),
+        ("log_behind", 0.02835),
+        ("log_gap_wrong", 0.33743))
 
 
 def _check_callbacks(should_stop: ShouldStop):
@@ -353,6 +392,20 @@ def confidence_of(signals: Dict[str, float], cfg: PropagationConfig) -> float:
     return float(np.clip(decay * num / den, 0.0, 1.0)) if den else 0.5 * decay
 
 
+def review_confidence(signals: Optional[Dict[str, float]], features: Dict[str, float], cfg: PropagationConfig) -> float:
+    """The confidence a result reports for a slice (``PropagationConfig.value_*``): from its signals (a slice
+    without any, e.g. a prompted one: its base confidence, ``features["confidence"]``) and its
+    ``review.slice_features``."""
+    if signals:
+        c = confidence_of(signals, PropagationConfig(confidence_weights=cfg.value_weights,
+                                                     confidence_decay_slices=cfg.value_decay_slices))
+    else:
+        c = float(features.get("confidence", 0.5))
+    c *= 1.0 - cfg.value_outside_factor * float(features.get("outside", 0.0))
+    c *= 1.0 - cfg.value_area_weight + cfg.value_area_weight * float(features.get("rel_area", 1.0))
+    return float(np.clip(c, 0.0, 1.0))
+
+
 def expected_wrong(signals: Dict[str, float], confidence: float) -> float:
     """Pixels a review of the slice probably fixes: (1 - confidence) x the slice's (or, past an end,
     the last slice's) mask area. The review list is ordered by it: a doubtful large slice before a
@@ -571,9 +624,8 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
                                            result.confidence[i]))
     result.features = review_features.slice_features(result.signals, result.mask, axis, fixed, fixed_set - pinned,
                                                      indices=list(result.confidence), scores=result.confidence)
-    for i, f in result.features.items():
-        if cfg.confidence_model:
-            result.confidence[i] = round(float(np.clip(review_features.linear(f, cfg.confidence_model), 0, 1)), 4)
+    for i, f in result.features.items():  # the reported confidence and the order: separate rules
+        result.confidence[i] = round(review_confidence(result.signals.get(i), f, cfg), 4)
         if cfg.review_order:
             wrong[i] = float((1 + np.expm1(f["log_area"])) * np.exp(review_features.linear(f, cfg.review_order)) - 1)
     result.review = [{"axis": axis, "index": int(i), "confidence": c, "expected_wrong": round(wrong[i], 1)}

@@ -276,20 +276,26 @@ def test_interpolated_shape_keeps_the_masks_border(thalamus):
 
 
 def test_learned_review_orders_by_predicted_wrong_pixels(seeded, thalamus):
-    """With ``review_order`` / ``confidence_model`` set, the review list is sorted by (1 + area) x
-    exp(weights . features) - 1 and the confidence is the clipped linear model; other weights, other order."""
+    """The review list is sorted by (1 + area) x exp(review_order . features) - 1; other weights, other
+    order; the reported confidence is review_confidence's, not the base confidence the features hold."""
+    from MedFMSegmentLib.propagate import review_confidence
     from MedFMSegmentLib.review import linear
 
     mask, k = thalamus
     far = (("bias", -1.0), ("log_distance", 3.0))
-    cfg = PropagationConfig(review_order=far, confidence_model=(("bias", 1.0), ("log_distance", -0.2)))
+    cfg = PropagationConfig(review_order=far)
     r = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF), config=cfg)
     assert set(r.features) == {item["index"] for item in r.review} and k in r.features
     want = {i: (1 + np.expm1(f["log_area"])) * np.exp(linear(f, far)) - 1 for i, f in r.features.items()}
     assert [item["index"] for item in r.review] == sorted(want, key=lambda i: (-want[i], r.confidence[i], i))
     for item in r.review:
-        f = r.features[item["index"]]
-        assert item["confidence"] == round(float(np.clip(1.0 - 0.2 * f["log_distance"], 0, 1)), 4)
+        i = item["index"]
+        assert item["confidence"] == round(review_confidence(r.signals.get(i), r.features[i], cfg), 4)
+    assert any(abs(item["confidence"] - r.features[item["index"]]["confidence"]) > 1e-3 for item in r.review)
     assert r.review[0]["index"] != k  # far from the box first
     near = PropagationConfig(review_order=(("bias", -1.0), ("log_distance", -3.0), ("prompted", 3.0)))
     assert propagate(seeded, axis="axial", limits=(k - HALF, k + HALF), config=near).review[0]["index"] == k
+    default = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF))  # the fitted weights
+    w = PropagationConfig().review_order
+    got = {i: (1 + np.expm1(f["log_area"])) * np.exp(linear(f, w)) - 1 for i, f in default.features.items()}
+    assert [item["index"] for item in default.review] == sorted(got, key=lambda i: (-got[i], default.confidence[i], i))

@@ -1,7 +1,7 @@
 """The review confidence and order (MedFMSegmentLib.propagate.confidence_of / expected_wrong): pure functions."""
 from __future__ import annotations
 
-from MedFMSegmentLib.propagate import PropagationConfig, confidence_of, expected_wrong
+from MedFMSegmentLib.propagate import PropagationConfig, confidence_of, expected_wrong, review_confidence
 
 
 def test_confidence_falls_with_distance_and_a_border_slice_rises_with_it():
@@ -43,3 +43,15 @@ def test_slice_features_place_a_slice_among_the_fixed_slices():
     assert f[5]["rel_area"] == 1.0 and f[2]["rel_area"] == 0.25
     assert f[8]["area_jump"] > f[5]["area_jump"] == 0.0  # 4 px between 16 px and none
     assert linear(f[5], (("bias", 2.0), ("agree", -1.0))) == 2.0 - 0.7
+
+
+def test_reported_confidence_doubts_walks_toward_an_end_and_small_sections():
+    cfg = PropagationConfig()
+    sig = {"iou": 0.9, "jitter": 0.9, "agree": 0.2, "distance": 0.0, "area": 400.0}
+    inside = {"outside": 0.0, "rel_area": 1.0, "confidence": 0.3}
+    assert abs(review_confidence(sig, inside, cfg) - 0.9) < 1e-9  # iou + jitter: agree is not in the value
+    assert review_confidence(sig, dict(inside, outside=1.0), cfg) < review_confidence(sig, inside, cfg)
+    assert review_confidence(sig, dict(inside, rel_area=0.2), cfg) < review_confidence(sig, inside, cfg)
+    assert review_confidence(None, inside, cfg) == 0.3  # no signals (a prompted slice): its base confidence
+    off = PropagationConfig(value_outside_factor=0.0, value_area_weight=0.0)
+    assert review_confidence(sig, dict(inside, outside=1.0, rel_area=0.1), off) == review_confidence(sig, inside, off)
