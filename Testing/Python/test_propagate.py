@@ -295,7 +295,7 @@ def test_learned_review_orders_by_predicted_wrong_pixels(seeded, thalamus):
     assert r.review[0]["index"] != k  # far from the box first
     near = PropagationConfig(review_order=(("bias", -1.0), ("log_distance", -3.0), ("prompted", 3.0)))
     assert propagate(seeded, axis="axial", limits=(k - HALF, k + HALF), config=near).review[0]["index"] == k
-    default = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF))  # the fitted weights
-    w = PropagationConfig().review_order
-    got = {i: (1 + np.expm1(f["log_area"])) * np.exp(linear(f, w)) - 1 for i, f in default.features.items()}
-    assert [item["index"] for item in default.review] == sorted(got, key=lambda i: (-got[i], default.confidence[i], i))
+    default = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF))  # no weights: the base order
+    base = {i: (1 - f["confidence"]) * np.expm1(f["log_area"]) for i, f in default.features.items()}
+    order = sorted(base, key=lambda i: (-base[i], default.confidence[i], i))
+    assert [item["index"] for item in default.review] == order
