@@ -139,7 +139,8 @@ def policy_order(vol, mode, models=None):
     """The slices a guided user visits, in order: ``vol.review`` ("guided") or an alternative order
     ("guided:tau5" / "guided:tau3": (1 - confidence) x area with a 5 / 3 slice distance decay; "guided:dist":
     area x (1 - exp(-distance / 5)) on propagated slices; "guided:ends": the engine's expected wrong pixels
-    x 3 on the result's first / last slice and the border slices; "guided:model": the predicted log wrong pixels,
+    x 3 on the result's first / last slice and the border slices; "guided:boxN": the engine's expected wrong
+    pixels, x N on the prompted (box) slice; "guided:model": the predicted log wrong pixels,
     log(1 + area) + models["order"] . features; "guided:gain": the predicted 3D Dice gain, models["gain"] .
     features)."""
     if ":" not in mode:  # guided, guided_adapt
@@ -154,6 +155,8 @@ def policy_order(vol, mode, models=None):
             s = expected_wrong(sig, confidence_of(sig, PropagationConfig(confidence_decay_slices=float(policy[3:]))))
         elif policy == "dist" and sig and "border" not in sig:
             s = sig.get("area", 1.0) * (1 - np.exp(-sig.get("distance", 0.0) / 5.0))
+        elif policy.startswith("box") and k in set(vol.seeds) - set(vol.pinned):
+            s *= float(policy[3:])  # the prompted (box) slice: the model's own answer, x N
         elif policy == "ends":
             s *= 3.0 if feats[k]["border"] or feats[k]["end"] else 1.0
         elif policy == "model":
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--structures", nargs="+", default=DEFAULT)
     p.add_argument("--modes", nargs="+", default=["guided", "oracle"],
-                   help="guided, oracle, or guided:POLICY (policy_order: tau5, tau3, dist, ends, model, gain)")
+                   help="guided, oracle, or guided:POLICY (policy_order: tau5, tau3, dist, ends, boxN, model, gain)")
     p.add_argument("--review-models", help='JSON {volume or "*": {"order": [[feature, weight], ...], '
                    '"confidence": [...]}} for guided:model (per volume: weights fitted without its dataset)')
     p.add_argument("--corrections", type=int, default=10)

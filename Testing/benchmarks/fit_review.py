@@ -1,6 +1,7 @@
 """Fit the review list's weights from bench_effort results, leave-one-dataset-out, and score them offline.
 
     python Testing/benchmarks/fit_review.py ALL.json [MORE.json ...] --out models.json [--modes guided oracle]
+    python Testing/benchmarks/fit_review.py ALL.json --confidence-grid     # the reported confidence's rule
 
 From the review rows (every reviewed slice at every step: ``review.slice_features`` and the true per-slice
 Dice and wrong pixels) of the given modes, ridge least squares fits
@@ -136,6 +137,44 @@ def pick_quality(rec, score):
     return float(np.mean(q)) if q else None
 
 
+def confidence_grid(files, modes=("guided",)):
+    """The reported confidence's rule (``PropagationConfig.value_*``) chosen from a grid, leave-one-dataset-out:
+    per held-out dataset the grid point of the best pooled Spearman on the other datasets' rows of ``modes``;
+    returns {"in_sample": [(point, Spearman)] best first, "held_out": {volume: (point, its Spearman, the base
+    confidence's)}, "pooled_held_out", "pooled_base"}."""
+    import itertools
+
+    from MedFMSegmentLib.propagate import PropagationConfig, review_confidence
+
+    recs = load(files, list(modes))
+    vols = sorted({v for _, v, _, _ in recs})
+    weights = {"iou+jitter+agree": (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0)),
+               "iou+jitter": (("iou", 1.0), ("jitter", 1.0))}
+    grid = list(itertools.product((10.0, 20.0), sorted(weights), (0.0, 0.2, 0.5), (0.0, 0.25, 0.5)))
+    rows = {v: [r for _, vv, _, rec in recs if vv == v for r in rec["review"]] for v in vols}
+    dice = {v: [r["dice"] for r in rows[v]] for v in vols}
+    pred = {}
+    for g in grid:
+        cfg = PropagationConfig(value_decay_slices=g[0], value_weights=weights[g[1]], value_outside_factor=g[2],
+                                value_area_weight=g[3])
+        pred[g] = {v: [review_confidence(r["signals"] or None, r["features"], cfg) for r in rows[v]] for v in vols}
+
+    def pooled(g, vs):
+        return spearman([x for v in vs for x in pred[g][v]], [x for v in vs for x in dice[v]])
+
+    base = {v: [r["features"]["confidence"] for r in rows[v]] for v in vols}
+    out = {"in_sample": sorted(((g, pooled(g, vols)) for g in grid), key=lambda t: -t[1])[:5], "held_out": {}}
+    hp, hd = [], []
+    for v in vols:
+        best = max(grid, key=lambda g: pooled(g, [x for x in vols if x != v]))
+        out["held_out"][v] = (best, spearman(pred[best][v], dice[v]), spearman(base[v], dice[v]))
+        hp += pred[best][v]
+        hd += dice[v]
+    out["pooled_held_out"] = spearman(hp, hd)
+    out["pooled_base"] = spearman([x for v in vols for x in base[v]], [x for v in vols for x in dice[v]])
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+")
@@ -143,7 +182,12 @@ def main(argv=None):
     p.add_argument("--score-modes", nargs="+", default=["guided"], help="records to score Spearman on")
     p.add_argument("--lam", type=float, default=0.01)
     p.add_argument("--out")
+    p.add_argument("--confidence-grid", action="store_true",
+                   help="only choose the reported confidence's rule leave-one-dataset-out (confidence_grid)")
     args = p.parse_args(argv)
+    if args.confidence_grid:
+        print(json.dumps(confidence_grid(args.files, args.score_modes), indent=1))
+        return 0
     modes = args.modes
     if modes is None:
         st = json.loads(Path(args.files[0]).read_text())["settings"]
