@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import geometry
+from . import geometry, review as review_features
 from .errors import Cancelled, InputError
 from .session import keep_components_touching
 
@@ -78,6 +78,26 @@ class PropagationConfig:
     # probably stopped too early.
     confidence_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0), ("agree", 1.0))
     confidence_decay_slices: float = 10.0
+    # The two weights above make the *base* confidence: review.slice_features' "confidence" / "log_doubt"
+    # and the expected wrong pixels of its sums, what the review order's weights were fitted on. The
+    # confidence a result reports (VolumeResult.confidence / review) is its own rule, ``review_confidence``:
+    # the weighted mean of these signals times exp(-distance / value_decay_slices), x (1 - outside_factor)
+    # beyond the outermost fixed slice (walks toward an end: the corrections' true Dice there is lower), x
+    # ((1 - area_weight) + area_weight x the slice's area over the result's largest section) (slivers near
+    # the ends go wrong). bench_effort guided rows, 11 structures, Spearman with the true slice Dice, chosen
+    # leave-one-dataset-out from a grid (decay 10 / 20, with / without agree, outside 0 / 0.2 / 0.5, area
+    # 0 / 0.25 / 0.5): held out 0.643, the base confidence 0.54 (fit in README, "Correction loop").
+    value_weights: Tuple[Tuple[str, float], ...] = (("iou", 1.0), ("jitter", 1.0))
+    value_decay_slices: float = 20.0
+    value_outside_factor: float = 0.2
+    value_area_weight: float = 0.5
+    # The review order: None (the default) sorts by expected_wrong of the base confidence, (1 - confidence) x
+    # area; weights sort by the predicted wrong pixels, (1 + area) x exp(review_order . features) - 1
+    # (review.slice_features; Testing/benchmarks/fit_review.py fits them: ridge least squares of log((1 +
+    # wrong) / (1 + area)) on bench_effort's review rows). Not the default: fitted leave-one-dataset-out
+    # they lost held out (bench_effort, 11 structures, guided mean 3D Dice over 10 corrections 0.668 vs
+    # 0.696, reached 0.90 on 1 vs 2 structures; in sample 0.706, 4 structures: README "Correction loop").
+    review_order: Optional[Tuple[Tuple[str, float], ...]] = None
 
 
 def _check_callbacks(should_stop: ShouldStop):
@@ -348,6 +368,20 @@ def confidence_of(signals: Dict[str, float], cfg: PropagationConfig) -> float:
     return float(np.clip(decay * num / den, 0.0, 1.0)) if den else 0.5 * decay
 
 
+def review_confidence(signals: Optional[Dict[str, float]], features: Dict[str, float], cfg: PropagationConfig) -> float:
+    """The confidence a result reports for a slice (``PropagationConfig.value_*``): from its signals (a slice
+    without any, e.g. a prompted one: its base confidence, ``features["confidence"]``) and its
+    ``review.slice_features``."""
+    if signals:
+        c = confidence_of(signals, PropagationConfig(confidence_weights=cfg.value_weights,
+                                                     confidence_decay_slices=cfg.value_decay_slices))
+    else:
+        c = float(features.get("confidence", 0.5))
+    c *= 1.0 - cfg.value_outside_factor * float(features.get("outside", 0.0))
+    c *= 1.0 - cfg.value_area_weight + cfg.value_area_weight * float(features.get("rel_area", 1.0))
+    return float(np.clip(c, 0.0, 1.0))
+
+
 def expected_wrong(signals: Dict[str, float], confidence: float) -> float:
     """Pixels a review of the slice probably fixes: (1 - confidence) x the slice's (or, past an end,
     the last slice's) mask area. The review list is ordered by it: a doubtful large slice before a
@@ -564,6 +598,12 @@ def propagate(session, axis: Optional[str] = None, direction: str = "both", seed
     for i in result.confidence:
         wrong.setdefault(i, expected_wrong({"area": float(geometry.get_slice(result.mask, axis, i).sum())},
                                            result.confidence[i]))
+    result.features = review_features.slice_features(result.signals, result.mask, axis, fixed, fixed_set - pinned,
+                                                     indices=list(result.confidence), scores=result.confidence)
+    for i, f in result.features.items():  # the reported confidence and the order: separate rules
+        result.confidence[i] = round(review_confidence(result.signals.get(i), f, cfg), 4)
+        if cfg.review_order:
+            wrong[i] = float((1 + np.expm1(f["log_area"])) * np.exp(review_features.linear(f, cfg.review_order)) - 1)
     result.review = [{"axis": axis, "index": int(i), "confidence": c, "expected_wrong": round(wrong[i], 1)}
                      for i, c in sorted(result.confidence.items(), key=lambda kv: (-wrong[kv[0]], kv[1], kv[0]))]
     if progress is not None:

@@ -27,10 +27,13 @@ class VolumeResult:
     # slices to the nearest fixed slice, "area": mask pixels}; border slices (the first empty slice
     # past an end) have "border" and the area of the last slice before it
     signals: Dict[int, Dict[str, float]] = field(default_factory=dict)
-    confidence: Dict[int, float] = field(default_factory=dict)  # every non-fixed slice touched or bordering
+    # every non-fixed slice touched or bordering -> the confidence reported (propagate.review_confidence)
+    confidence: Dict[int, float] = field(default_factory=dict)
     # [{"axis", "index", "confidence", "expected_wrong"}]: the slice a correction probably helps most first,
-    # i.e. by (1 - confidence) x mask area (propagate.expected_wrong), then least confident first
+    # i.e. by (1 - base confidence) x mask area (propagate.expected_wrong; PropagationConfig.review_order:
+    # fitted weights instead), then least confident first
     review: List[dict] = field(default_factory=list)
+    features: Dict[int, Dict[str, float]] = field(default_factory=dict)  # reviewed slice -> review.slice_features
     recomputed: List[int] = field(default_factory=list)  # slices computed by this call (the rest were kept)
     crops: Dict[int, object] = field(default_factory=dict)  # slice -> model window (reused: cached embeddings)
     jobs: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)  # job signature -> (first, last) slice

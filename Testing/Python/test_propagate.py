@@ -273,3 +273,29 @@ def test_interpolated_shape_keeps_the_masks_border(thalamus):
     between = interpolate_shape(mask[k - 2], mask[k + 2], 0.5) > 0
     assert dice(between, mask[k]) > 0.9
     assert abs(int(between.sum()) - int(mask[k].sum())) < 0.1 * mask[k].sum()
+
+
+def test_learned_review_orders_by_predicted_wrong_pixels(seeded, thalamus):
+    """The review list is sorted by (1 + area) x exp(review_order . features) - 1; other weights, other
+    order; the reported confidence is review_confidence's, not the base confidence the features hold."""
+    from MedFMSegmentLib.propagate import review_confidence
+    from MedFMSegmentLib.review import linear
+
+    mask, k = thalamus
+    far = (("bias", -1.0), ("log_distance", 3.0))
+    cfg = PropagationConfig(review_order=far)
+    r = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF), config=cfg)
+    assert set(r.features) == {item["index"] for item in r.review} and k in r.features
+    want = {i: (1 + np.expm1(f["log_area"])) * np.exp(linear(f, far)) - 1 for i, f in r.features.items()}
+    assert [item["index"] for item in r.review] == sorted(want, key=lambda i: (-want[i], r.confidence[i], i))
+    for item in r.review:
+        i = item["index"]
+        assert item["confidence"] == round(review_confidence(r.signals.get(i), r.features[i], cfg), 4)
+    assert any(abs(item["confidence"] - r.features[item["index"]]["confidence"]) > 1e-3 for item in r.review)
+    assert r.review[0]["index"] != k  # far from the box first
+    near = PropagationConfig(review_order=(("bias", -1.0), ("log_distance", -3.0), ("prompted", 3.0)))
+    assert propagate(seeded, axis="axial", limits=(k - HALF, k + HALF), config=near).review[0]["index"] == k
+    default = propagate(seeded, axis="axial", limits=(k - HALF, k + HALF))  # no weights: the base order
+    base = {i: (1 - f["confidence"]) * np.expm1(f["log_area"]) for i, f in default.features.items()}
+    order = sorted(base, key=lambda i: (-base[i], default.confidence[i], i))
+    assert [item["index"] for item in default.review] == order

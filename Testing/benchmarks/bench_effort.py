@@ -15,7 +15,9 @@ Per structure (axial slicing), a simulated user:
   the tool re-propagates (``propagate(..., previous=vol)``), up to ``--corrections`` times;
 - picks the slice two ways: ``guided`` (the first slice of ``vol.review`` not yet corrected) and
   ``oracle`` (the slice with the most wrong voxels); ``--adapt`` adds ``guided_adapt`` (guided with
-  the online adapter, MedFMTrainLib.online, updated from the corrected slices before re-propagation).
+  the online adapter, MedFMTrainLib.online, updated from the corrected slices before re-propagation);
+  ``--modes guided:POLICY`` adds a guided user visiting the review list in another order (``policy_order``:
+  ``tau5`` / ``tau3``, ``dist``, ``ends``, ``model`` / ``gain`` with ``--review-models``, weights from ``fit_review.py``).
 
 Reported: 3D Dice after each step, slices touched (box slice + corrections) to reach 0.85 / 0.90,
 slices visited by the first propagation vs the true extent, time per re-propagation / adaptation,
@@ -48,7 +50,8 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment"), str(HERE.paren
 
 import datasets as D  # noqa: E402
 from MedFMSegmentLib import geometry  # noqa: E402
-from MedFMSegmentLib.propagate import PropagationConfig, confidence_of, propagate  # noqa: E402
+from MedFMSegmentLib import review as R  # noqa: E402
+from MedFMSegmentLib.propagate import PropagationConfig, confidence_of, expected_wrong, propagate  # noqa: E402
 from MedFMSegmentLib.session import PromptSession  # noqa: E402
 
 log = logging.getLogger("bench_effort")
@@ -122,15 +125,62 @@ def slice_dice(a, b):
     return D.dice(a, b) if (a.any() or b.any()) else 1.0
 
 
-def review_rows(vol, gt, step):
-    """(index, signals, confidence, true per-slice Dice, wrong voxels) for every reviewed slice."""
+def features_of(vol):
+    """review.slice_features of every reviewed slice of ``vol`` (the engine's, ``vol.features``)."""
+    if getattr(vol, "features", None):
+        return vol.features
+    fixed = sorted(set(vol.seeds) | set(vol.pinned))
+    prompted = set(vol.seeds) - set(vol.pinned)
+    return R.slice_features(vol.signals, vol.mask, vol.axis, fixed, prompted,
+                            indices=[r["index"] for r in vol.review], scores=vol.confidence)
+
+
+def policy_order(vol, mode, models=None):
+    """The slices a guided user visits, in order: ``vol.review`` ("guided") or an alternative order
+    ("guided:tau5" / "guided:tau3": (1 - confidence) x area with a 5 / 3 slice distance decay; "guided:dist":
+    area x (1 - exp(-distance / 5)) on propagated slices; "guided:ends": the engine's expected wrong pixels
+    x 3 on the result's first / last slice and the border slices; "guided:boxN": the engine's expected wrong
+    pixels, x N on the prompted (box) slice; "guided:model": the predicted log wrong pixels,
+    log(1 + area) + models["order"] . features; "guided:gain": the predicted 3D Dice gain, models["gain"] .
+    features)."""
+    if ":" not in mode:  # guided, guided_adapt
+        return [r["index"] for r in vol.review]
+    policy = mode.split(":", 1)[1]
+    feats = features_of(vol) if policy in ("model", "ends", "gain") else None
+    score = {}
+    for item in vol.review:
+        k, sig = item["index"], vol.signals.get(item["index"])
+        s = item["expected_wrong"]
+        if policy.startswith("tau") and sig:
+            s = expected_wrong(sig, confidence_of(sig, PropagationConfig(confidence_decay_slices=float(policy[3:]))))
+        elif policy == "dist" and sig and "border" not in sig:
+            s = sig.get("area", 1.0) * (1 - np.exp(-sig.get("distance", 0.0) / 5.0))
+        elif policy.startswith("box") and k in set(vol.seeds) - set(vol.pinned):
+            s *= float(policy[3:])  # the prompted (box) slice: the model's own answer, x N
+        elif policy == "ends":
+            s *= 3.0 if feats[k]["border"] or feats[k]["end"] else 1.0
+        elif policy == "model":
+            s = feats[k]["log_area"] + R.linear(feats[k], models["order"])
+        elif policy == "gain":
+            s = R.linear(feats[k], models["gain"])
+        score[k] = s
+    return sorted(score, key=lambda k: (-score[k], k))
+
+
+def review_rows(vol, gt, step, models=None):
+    """(index, signals, features, confidence, true per-slice Dice, wrong voxels) for every reviewed slice."""
     rows = []
+    feats = features_of(vol)
     for item in vol.review:
         k = item["index"]
         sig = dict(vol.signals.get(k, {}))
         rows.append({"step": step, "index": k, "confidence": item["confidence"], "signals": sig,
+                     "expected_wrong": item.get("expected_wrong"),
+                     "features": {n: round(v, 4) for n, v in feats[k].items()},
                      "dice": round(slice_dice(vol.mask[k], gt[k]), 4),
-                     "wrong": int((vol.mask[k] != gt[k]).sum())})
+                     "wrong": int((vol.mask[k] != gt[k]).sum()), "gt_area": int(gt[k].sum())})
+        if models and models.get("confidence"):
+            rows[-1]["model_confidence"] = round(float(np.clip(R.linear(feats[k], models["confidence"]), 0, 1)), 4)
     return rows
 
 
@@ -141,8 +191,8 @@ def first_reaching(dices, threshold):
     return None
 
 
-def run_user(session, gt, mode, args, adapt=None):
-    """One simulated user on one structure; returns its record."""
+def run_user(session, gt, mode, args, adapt=None, models=None):
+    """One simulated user on one structure; returns its record (``models``: for "guided:model")."""
     first, last = extent(gt)
     mid = (first + last) // 2
     ks = np.nonzero(gt.any(axis=(1, 2)))[0]
@@ -161,11 +211,11 @@ def run_user(session, gt, mode, args, adapt=None):
                                  "result_extent": list(extent(vol.mask)) if vol.mask.any() else None,
                                  "stopped": vol.stopped},
            "repropagation_seconds": [], "recomputed": [], "encoded": [], "adapt_seconds": [],
-           "review": review_rows(vol, gt, 0)}
+           "review": review_rows(vol, gt, 0, models)}
     corrected = set()
     for step in range(1, args.corrections + 1):
         if mode.startswith("guided"):
-            pick = next((r["index"] for r in vol.review if r["index"] not in corrected), None)
+            pick = next((k for k in policy_order(vol, mode, models) if k not in corrected), None)
             if pick is None:  # nothing left to review: the largest remaining error
                 mode_used = "oracle-fallback"
             else:
@@ -197,7 +247,7 @@ def run_user(session, gt, mode, args, adapt=None):
         rec["touched"].append(pick)
         rec["dice"].append(round(D.dice(vol.mask, gt), 4))
         rec.setdefault("picked_by", []).append(mode_used)
-        rec["review"] += review_rows(vol, gt, step)
+        rec["review"] += review_rows(vol, gt, step, models)
         log.warning("%s step %d: corrected %d -> Dice %.3f (%.1f s, %d slices recomputed, %d encoded)", mode, step,
                     pick, rec["dice"][-1], rec["repropagation_seconds"][-1], len(vol.recomputed), vol.encoded)
     if session.adapter is not None and hasattr(session.adapter, "detach"):
@@ -214,6 +264,8 @@ def confidence_study(records, cfg):
     """Spearman of each candidate signal (and of the configured confidence) with the true slice Dice."""
     rows = [r for rec in records for r in rec["review"]]
     out = {"n": len(rows), "confidence": spearman([r["confidence"] for r in rows], [r["dice"] for r in rows])}
+    if rows and all("model_confidence" in r for r in rows):
+        out["model_confidence"] = spearman([r["model_confidence"] for r in rows], [r["dice"] for r in rows])
     inner = [r for r in rows if "border" not in r["signals"]]
     for name in ("iou", "jitter", "agree", "distance"):
         have = [r for r in inner if name in r["signals"]]
@@ -241,7 +293,7 @@ def confidence_study(records, cfg):
 def settings(args) -> dict:
     """What must agree between parts / a resumed file."""
     return {"precision": args.precision, "corrections": args.corrections, "modes": list(args.modes),
-            "adapt": bool(args.adapt), "threads": args.threads}
+            "adapt": bool(args.adapt), "threads": args.threads, "review_models": args.review_models}
 
 
 def part_of(names, part):
@@ -299,7 +351,11 @@ def run(args) -> dict:
         row["ellipse"] = round(D.dice(ell, gt), 4)
         for mode in modes:
             t = time.perf_counter()
-            row[mode] = run_user(session, gt, mode, args, adapt if mode == "guided_adapt" else None)
+            models = None
+            if args.review_models:
+                table = json.loads(Path(args.review_models).read_text())
+                models = table.get(st.volume, table.get("*"))
+            row[mode] = run_user(session, gt, mode, args, adapt if mode == "guided_adapt" else None, models)
             row[mode]["seconds"] = round(time.perf_counter() - t, 1)
             row[mode]["confidence_spearman"] = confidence_study([row[mode]], PropagationConfig())
             log.warning("%s %s: Dice %s", name, mode, row[mode]["dice"])
@@ -395,10 +451,11 @@ def summarize(out, modes) -> dict:
             summ[mode]["adapt_seconds_mean"] = round(float(np.mean([s for rec in recs for s in rec["adapt_seconds"]])), 2)
             cpu = [v for rec in recs for v in rec.get("adapt_cpu_seconds", [])]
             summ[mode]["adapt_cpu_seconds"] = {"median": round(float(np.median(cpu)), 2), "max": max(cpu)} if cpu else None
-    if "guided" in modes and "oracle" in modes:
-        pairs = [(r["guided"]["slices_to_0.90"], r["oracle"]["slices_to_0.90"]) for r in rows.values()
-                 if "guided" in r and r["guided"]["slices_to_0.90"] and r["oracle"]["slices_to_0.90"]]
-        summ["guided_minus_oracle_slices_to_0.90"] = round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
+    for g in [m for m in modes if m.startswith("guided")] if "oracle" in modes else []:
+        pairs = [(r[g]["slices_to_0.90"], r["oracle"]["slices_to_0.90"]) for r in rows.values()
+                 if g in r and r[g]["slices_to_0.90"] and r["oracle"]["slices_to_0.90"]]
+        key = "guided_minus_oracle_slices_to_0.90" + ("" if g == "guided" else f"[{g}]")
+        summ[key] = round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
     summ["visited_vs_extent"] = {n: {"extent": r["extent"], "visited": r[modes[0]]["first_propagation"]["visited"],
                                      "result": r[modes[0]]["first_propagation"]["result_extent"]}
                                  for n, r in rows.items() if modes[0] in r}
@@ -408,7 +465,10 @@ def summarize(out, modes) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--structures", nargs="+", default=DEFAULT)
-    p.add_argument("--modes", nargs="+", default=["guided", "oracle"], choices=["guided", "oracle"])
+    p.add_argument("--modes", nargs="+", default=["guided", "oracle"],
+                   help="guided, oracle, or guided:POLICY (policy_order: tau5, tau3, dist, ends, boxN, model, gain)")
+    p.add_argument("--review-models", help='JSON {volume or "*": {"order": [[feature, weight], ...], '
+                   '"confidence": [...]}} for guided:model (per volume: weights fitted without its dataset)')
     p.add_argument("--corrections", type=int, default=10)
     p.add_argument("--adapt", action="store_true", help="also run guided with online adaptation")
     p.add_argument("--threads", type=int, default=1)
