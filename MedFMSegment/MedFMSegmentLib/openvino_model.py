@@ -222,7 +222,7 @@ def _openvino_encoder(model, prec, threads, root, identity, probe: _Probe):
 
 def _splittable(model) -> bool:
     """A TinyViT encoder (LiteMedSAM), known from the model's spec without building its torch network."""
-    return "tinyvit" in model.spec.description.lower()
+    return model.spec.encoder == "tinyvit"
 
 
 def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
