@@ -58,20 +58,25 @@ def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progres
     """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info).
 
     ``info["review"]``: every non-corrected slice the result touches or borders as ``{"axis", "index",
-    "confidence"}``, least confident first (propagated slices: ``VolumeResult.review``; ROI slices and
-    unpropagated prompted slices: the model's predicted IoU); ``info["corrected"]``: the pinned slices.
+    "confidence", "expected_wrong"}``, least confident first (propagated slices: ``VolumeResult.review``; ROI
+    slices and unpropagated prompted slices: the model's predicted IoU, expected wrong (1 - IoU) x area); sorted
+    by ``expected_wrong``, largest first, it is the engine's review order (``VolumeResult.review``: where a
+    correction probably helps most); ``info["corrected"]``: the pinned slices.
     """
     session.reset()
     info: dict = {}
     confidence: Dict[tuple, float] = {}
+    wrong: Dict[tuple, float] = {}  # expected wrong pixels (the engine's review order)
     mask = np.zeros(session.shape, np.uint8)
     if seg.roi_ijk is not None:
         r = segment_roi(session, seg.roi_ijk, axis=seg.roi_axis, progress=progress, should_stop=should_stop)
         mask |= r.mask
-        info["roi"] = {"slices": len(r.scores) + 1, "stopped": r.stopped, "seconds": round(r.seconds, 2)}
+        info["roi"] = {"slices": len(r.scores), "stopped": r.stopped, "seconds": round(r.seconds, 2)}
         for index, score in r.scores.items():
-            if geometry.get_slice(r.mask, seg.roi_axis, index).any():
+            area = int(geometry.get_slice(r.mask, seg.roi_axis, index).sum())
+            if area:
                 confidence[(seg.roi_axis, int(index))] = round(float(score), 4)
+                wrong[(seg.roi_axis, int(index))] = (1.0 - float(score)) * area
     for box in seg.boxes:
         session.add_box(box.axis, box.index, box.box_xy)
     for p in seg.points:
@@ -98,17 +103,19 @@ def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progres
                 for item in r.review:
                     key = (item["axis"], int(item["index"]))
                     confidence[key] = min(confidence.get(key, 1.0), float(item["confidence"]))
+                    wrong[key] = max(wrong.get(key, 0.0), float(item.get("expected_wrong", 0.0)))
         else:
             mask |= session.mask_volume()
             for axis, index in session.prompted_slices():
                 state = session.slice_state(axis, index)
                 if not state.pinned and state.mask.any():
                     confidence[(axis, index)] = round(float(state.score), 4)
+                    wrong[(axis, index)] = (1.0 - float(state.score)) * int((state.mask > 0).sum())
     pinned = sorted(session.pinned_slices(), key=lambda k: (geometry.AXES.index(k[0]), k[1]))
     for axis, index in pinned:  # corrected slices are exact in the result, whatever else covers them
         geometry.set_slice(mask, axis, index, session.slice_state(axis, index).mask)
         confidence.pop((axis, index), None)
-    info["review"] = [{"axis": a, "index": i, "confidence": c}
+    info["review"] = [{"axis": a, "index": i, "confidence": c, "expected_wrong": round(wrong.get((a, i), 0.0), 1)}
                       for (a, i), c in sorted(confidence.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))]
     info["corrected"] = [{"axis": a, "index": int(i)} for a, i in pinned]
     info["voxels"] = int(mask.sum())

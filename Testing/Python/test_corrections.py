@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from MedFMSegmentLib import cli, corrections, geometry, io
+from MedFMSegmentLib.propagate import propagate
 from MedFMSegmentLib.session import PromptSession
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,6 +169,16 @@ def test_correction_loop_on_the_brain_tumour(sessions, shared_data, tmp_path):
     assert [r["confidence"] for r in review] == sorted(r["confidence"] for r in review)
     assert all(r["axis"] == "axial" and 0 <= r["confidence"] <= 1 for r in review)
     assert first["corrected"] == []
+    # sorted by expected wrong voxels, the JSON list is the engine's review order (what the guided user follows;
+    # the values agree within 3 %: measured 829.5 here against 825.6 in this session, masks a few pixels apart)
+    session = PromptSession()
+    session.set_volume(io.read_volume(volume)[0], matrix)
+    session.add_box("axial", mid, (x0 - 2, y0 - 2, x1 + 2, y1 + 2))
+    engine = propagate(session, axis="axial").review
+    by_wrong = sorted(review, key=lambda r: -r["expected_wrong"])
+    assert [r["index"] for r in by_wrong] == [r["index"] for r in engine]
+    assert [r["expected_wrong"] for r in by_wrong] == pytest.approx([r["expected_wrong"] for r in engine], rel=0.03)
+    assert max(r["expected_wrong"] for r in review) > 0
     picked = [r["index"] for r in review if r["index"] != mid][:2]
     assert len(picked) == 2, review
     io.write_labelmap(tmp_path / "truth.nii.gz", {"Tumour": truth}, matrix)
