@@ -35,7 +35,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "MedFMSegment")]
 import datasets as D  # noqa: E402
 from MedFMSegmentLib import geometry  # noqa: E402
 from MedFMSegmentLib.propagate import propagate  # noqa: E402
-from MedFMSegmentLib.roi import RoiConfig, segment_roi  # noqa: E402
+from MedFMSegmentLib.roi import RoiConfig, fuse_with_prior, segment_roi, track_roi  # noqa: E402
 from MedFMSegmentLib.session import PromptSession  # noqa: E402
 from bench_2d import reference_predict  # noqa: E402
 
@@ -45,6 +45,28 @@ ROI_VARIANTS = {"roi_no_neighbour_vote": RoiConfig(seed_neighbours=0),
                 "roi_seed_by_predicted_iou_only": RoiConfig(seed_neighbours=0, fill_weight=0.0, centre_weight=0.0),
                 "roi_track_multimask": RoiConfig(track_multimask=True),
                 "roi_rect_bonus_0.3": RoiConfig(rect_bonus=0.3)}
+
+# the ROI's ellipsoid fused with the model's probability (RoiConfig.prior_*): weight, temperature, softness
+PRIOR_GRID = [(w, t, sp) for w in (0.8, 0.7, 0.6, 0.5, 0.4, 0.3) for t in (1.0, 3.0, 10.0) for sp in (1.0, 3.0)]
+
+
+def prior_key(w, t, sp) -> str:
+    return f"roi_prior_w{w}_t{t}_s{sp}"
+
+
+# the ROI's answers chosen as one path (RoiConfig(select="path")): prior weight, pair weight, empty score; each
+# alone and fused with the ellipsoid (weight, temperature, softness)
+PATH_GRID = [(pw, qw, e) for pw in (0.5, 1.0, 1.5) for qw in (0.25, 0.5, 1.0) for e in (0.6, 0.9, 1.2)]
+PATH_FUSE = [(1.0, 1.0, 1.0), (0.6, 3.0, 1.0), (0.4, 1.0, 1.0)]
+
+
+def path_key(pw, qw, e, fuse) -> str:
+    return f"roi_path_p{pw}_q{qw}_e{e}" + ("" if fuse[0] == 1.0 else "_" + prior_key(*fuse)[4:])
+
+
+def path_config(pw, qw, e, fuse) -> RoiConfig:
+    return RoiConfig(select="path", path_prior_weight=pw, path_pair_weight=qw, path_empty_score=e,
+                     prior_weight=fuse[0], prior_temperature=fuse[1], prior_softness_px=fuse[2])
 
 
 def naive_reference(array, gt, tmp) -> dict:
@@ -79,16 +101,31 @@ def rect_on_every_slice(session, array, lo, hi, ct: bool):
     return ref * inside, med * inside
 
 
-def roi_part(row, session, array, gt, roi_ijk, lo, hi, tight_lo, tight_hi, ct: bool):
+def roi_part(row, session, array, gt, roi_ijk, lo, hi, tight_lo, tight_hi, ct: bool, prior_grid: bool = False):
     """The ROI mode and its baselines (``roi``, its variants, the rectangles, the ellipsoids) into ``row``."""
     shape = gt.shape
     t = time.perf_counter()
-    r = segment_roi(session, roi_ijk, axis="axial")
+    r, parts = track_roi(session, roi_ijk, axis="axial")
     row["roi"] = round(D.dice(r.mask, gt), 3)
     row["roi_seconds"] = round(time.perf_counter() - t, 1)
     row["roi_stopped"] = r.stopped
-    for variant, cfg in ROI_VARIANTS.items():
-        row[variant] = round(D.dice(segment_roi(session, roi_ijk, axis="axial", config=cfg).mask, gt), 3)
+    if prior_grid:
+        for w, tt, sp in PRIOR_GRID:
+            fused = fuse_with_prior(parts, shape, "axial", RoiConfig(prior_weight=w, prior_temperature=tt,
+                                                                     prior_softness_px=sp)) if parts else r.mask
+            row[prior_key(w, tt, sp)] = round(D.dice(fused, gt), 3)
+        problem = None
+        for g in PATH_GRID:
+            for fuse in PATH_FUSE:
+                t = time.perf_counter()
+                rp, pp = track_roi(session, roi_ijk, axis="axial", config=path_config(*g, fuse), problem=problem)
+                if problem is None:
+                    row["roi_path_seconds"] = round(time.perf_counter() - t, 1)
+                problem = pp.problem
+                row[path_key(*g, fuse)] = round(D.dice(rp.mask, gt), 3)
+    else:
+        for variant, cfg in ROI_VARIANTS.items():
+            row[variant] = round(D.dice(segment_roi(session, roi_ijk, axis="axial", config=cfg).mask, gt), 3)
     ref, med = rect_on_every_slice(session, array, lo, hi, ct)
     row["reference_roi_rect"] = round(D.dice(ref, gt), 3)
     row["medfm_roi_rect"] = round(D.dice(med, gt), 3)
@@ -129,7 +166,8 @@ def run(args) -> dict:
         row = {"dataset": st.dataset, "slices": int(k1 - k0 + 1), "preset": session.preset}
         roi_ijk = ((lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0]))
         if not args.no_roi:
-            roi_part(row, session, array, gt, roi_ijk, lo, hi, (k0, j0, i0), (k1, j1, i1), st.modality == "ct")
+            roi_part(row, session, array, gt, roi_ijk, lo, hi, (k0, j0, i0), (k1, j1, i1), st.modality == "ct",
+                     args.roi_prior_grid)
         if not args.no_prop:
             ks = np.nonzero(gt.any(axis=(1, 2)))[0]
             mid = int(ks[len(ks) // 2])
@@ -161,6 +199,21 @@ def run(args) -> dict:
     return summarise(rows)
 
 
+def held_out(per_dataset: dict, candidates) -> dict:
+    """Leave-one-dataset-out: for each dataset, the candidate with the best mean of the other datasets' means,
+    scored on the held-out dataset."""
+    out = {}
+    for d, scores in per_dataset.items():
+        others = [v for e, v in per_dataset.items() if e != d]
+        cands = [c for c in candidates if c in scores and all(c in v for v in others)]
+        if not others or not cands:
+            continue
+        pick = max(cands, key=lambda c: statistics.mean(v[c] for v in others))
+        out[d] = {"chosen": pick, "held_out": scores[pick], "roi": scores.get("roi"),
+                  "reference_roi_rect": scores.get("reference_roi_rect"), "ellipsoid_roi": scores.get("ellipsoid_roi")}
+    return out
+
+
 def summarise(rows) -> dict:
     keys = ["roi", *ROI_VARIANTS, "reference_roi_rect", "medfm_roi_rect", "ellipsoid_roi", "ellipsoid_tight",
             "box_prop", "ellipse_prop"]
@@ -168,9 +221,13 @@ def summarise(rows) -> dict:
     def means(rs):
         return {k: round(statistics.mean(r[k] for r in rs), 3) for k in keys if all(k in r for r in rs)}
 
+    grid = [prior_key(*g) for g in PRIOR_GRID] + [path_key(*g, f) for g in PATH_GRID for f in PATH_FUSE]
+    keys += grid
     out = {"per_structure": rows, "mean": means(list(rows.values())), "per_dataset": {}}
     for d in dict.fromkeys(r["dataset"] for r in rows.values()):
         out["per_dataset"][d] = means([r for r in rows.values() if r["dataset"] == d])
+    out["roi_prior_held_out"] = held_out(out["per_dataset"], ["roi"] + [prior_key(*g) for g in PRIOR_GRID])
+    out["roi_path_held_out"] = held_out(out["per_dataset"], ["roi"] + grid)
     out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     from MedFMSegmentLib.runtimes import cpu_info
     out["cpu"] = cpu_info().as_dict()
@@ -190,6 +247,8 @@ def main(argv=None):
     p.add_argument("--preset-mr", default=None)
     p.add_argument("--no-prop", action="store_true", help="skip one box + propagation")
     p.add_argument("--no-roi", action="store_true", help="skip the ROI mode and its baselines")
+    p.add_argument("--roi-prior-grid", action="store_true",
+                   help="ROI mode fused with its ellipsoid (PRIOR_GRID) instead of ROI_VARIANTS; leave-one-dataset-out")
     p.add_argument("--prop-margin", type=int, default=6, help="propagation limits: true extent +- this")
     p.add_argument("--resume-file", default="/tmp/bench_i9/bench3d.json")
     p.add_argument("--out")
