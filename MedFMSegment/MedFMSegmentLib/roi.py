@@ -62,6 +62,7 @@ class RoiConfig:
     # tracked answer's; 0 off the tracked object) + (1 - w) x a soft ellipsoid inscribed in the ROI
     # (sigmoid(pixels inside its border / softness)), above 0.5. w = 1: the model alone.
     prior_weight: float = 1.0
+    keep_logits: bool = False  # keep each answer's logits (always with prior_weight < 1): fuse_with_prior afterwards
     # "track": the seed on the middle slice, then slice by slice (above); "path": every slice's answer chosen
     # together by dynamic programming (roi_path.py) with these weights
     select: str = "track"
@@ -101,8 +102,9 @@ def _roi_bounds(session, roi_ijk, axis):
 class _Candidates:
     """Candidate masks per (slice, box), decoded from one cached embedding per slice."""
 
-    def __init__(self, session, axis, crop, rect):
+    def __init__(self, session, axis, crop, rect, keep_logits: bool = False):
         self.session, self.axis, self.crop = session, axis, crop
+        self.keep_logits = keep_logits  # logits in the rectangle per answer (for the prior fusion and the path)
         self.shape = geometry.slice_shape(session.shape, axis)
         x0, y0, x1, y1 = (int(round(v)) for v in rect)
         self.inside = np.zeros(self.shape, bool)
@@ -113,7 +115,10 @@ class _Candidates:
         self.encoded = 0
 
     def logits(self, index: int, box, answer: int) -> np.ndarray:
-        """Logits of answer ``answer`` (0: the single one) of an earlier call, cut to the ROI rectangle."""
+        """Logits of answer ``answer`` (0: the single one) of an earlier call, cut to the ROI rectangle (None
+        unless ``keep_logits``)."""
+        if not self.keep_logits:
+            return None
         return self._logits[(index, tuple(round(float(v), 2) for v in box))][answer]
 
     def __call__(self, index: int, box, multimask: bool = True) -> List[Tuple[np.ndarray, float]]:
@@ -138,7 +143,8 @@ class _Candidates:
             logits, iou = s.model.decode_all(emb, box_model, fast=s.adapter is None)
         for c in range(logits.shape[0]):
             on_slice = model_to_slice(logits[c], self.crop, self.shape)
-            kept.append(on_slice[r0:r1, c0:c1].copy())
+            if self.keep_logits:
+                kept.append(on_slice[r0:r1, c0:c1].copy())
             mask = (on_slice > s.config.mask_threshold) & self.inside
             if mask.any():
                 mask = keep_components_touching(mask.astype(np.uint8), in_box) > 0
@@ -221,7 +227,9 @@ def fuse_with_prior(parts: RoiParts, shape, axis: str, cfg: RoiConfig) -> np.nda
         p = np.zeros_like(q)
         if index in chosen:
             mask, logits = chosen[index]
-            p = 1.0 / (1.0 + np.exp(-np.clip(logits / max(cfg.prior_temperature, 1e-3), -50, 50)))
+            if logits is None:
+                raise ValueError("fuse_with_prior needs the answers' logits: run with RoiConfig(keep_logits=True)")
+            p = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float32) / max(cfg.prior_temperature, 1e-3), -50, 50)))
             p[(p > 0.5) & ~mask[r0:r1, c0:c1]] = 0.0  # components the tracking dropped stay dropped
         fused = np.zeros(slice_shape, np.uint8)
         fused[r0:r1, c0:c1] = (w * p + (1.0 - w) * q) > 0.5
@@ -270,7 +278,7 @@ def track_roi(session, roi_ijk, axis: str = "axial", config: Optional[RoiConfig]
     geometry.check_axis(axis)
     first, last, rect = _roi_bounds(session, roi_ijk, axis)
     crop = session.crop_for(axis, rect, (first + last) // 2)  # one window (and CT window) for the whole ROI
-    cands = _Candidates(session, axis, crop, rect)
+    cands = _Candidates(session, axis, crop, rect, keep_logits=cfg.keep_logits or cfg.prior_weight < 1.0)
     sy, sx = geometry.slice_pixel_spacing(session.ijk_to_ras, axis)
     mx, my = cfg.margin_mm / sx, cfg.margin_mm / sy
     min_area = cfg.min_area_mm2 / (sx * sy)

@@ -170,3 +170,9 @@ def test_roi_tracking_keeps_the_thick_slice_lesion_to_its_ends(shared_data, lite
     mask = segment_roi(session, roi_ijk, axis="axial").mask > 0
     assert all(mask[k].any() for k in range(k0, k1 + 1)), np.nonzero(mask.any(axis=(1, 2)))[0]
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.35
+
+
+def test_prior_fusion_needs_the_logits_the_default_tracking_does_not_keep():
+    parts = RoiParts(0, 2, (0, 10, 0, 10), {1: (np.ones((20, 20), bool), None)})
+    with pytest.raises(ValueError, match="keep_logits"):
+        fuse_with_prior(parts, (3, 20, 20), "axial", RoiConfig(prior_weight=0.5))

@@ -68,7 +68,7 @@ def path_key(pw, qw, e, fuse) -> str:
 
 
 def path_config(pw, qw, e, fuse) -> RoiConfig:
-    return RoiConfig(select="path", path_prior_weight=pw, path_pair_weight=qw, path_empty_score=e,
+    return RoiConfig(select="path", path_prior_weight=pw, path_pair_weight=qw, path_empty_score=e, keep_logits=True,
                      prior_weight=fuse[0], prior_temperature=fuse[1], prior_softness_px=fuse[2])
 
 
@@ -108,7 +108,7 @@ def roi_part(row, session, array, gt, roi_ijk, lo, hi, tight_lo, tight_hi, ct: b
     """The ROI mode and its baselines (``roi``, its variants, the rectangles, the ellipsoids) into ``row``."""
     shape = gt.shape
     t = time.perf_counter()
-    r, parts = track_roi(session, roi_ijk, axis="axial")
+    r, parts = track_roi(session, roi_ijk, axis="axial", config=RoiConfig(keep_logits=prior_grid))
     row["roi"] = round(D.dice(r.mask, gt), 3)
     row["roi_seconds"] = round(time.perf_counter() - t, 1)
     row["roi_stopped"] = r.stopped
