@@ -62,6 +62,8 @@ class RoiConfig:
     # tracked answer's; 0 off the tracked object) + (1 - w) x a soft ellipsoid inscribed in the ROI
     # (sigmoid(pixels inside its border / softness)), above 0.5. w = 1: the model alone.
     prior_weight: float = 1.0
+    prior_temperature: float = 1.0
+    prior_softness_px: float = 1.0
     keep_logits: bool = False  # keep each answer's logits (always with prior_weight < 1): fuse_with_prior afterwards
     # "track": the seed on the middle slice, then slice by slice (above); "path": every slice's answer chosen
     # together by dynamic programming (roi_path.py) with these weights
@@ -70,8 +72,6 @@ class RoiConfig:
     path_prior_weight: float = 0.5
     path_pair_weight: float = 1.0
     path_empty_score: float = 0.6
-    prior_temperature: float = 1.0
-    prior_softness_px: float = 1.0
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
