@@ -315,7 +315,7 @@ class PromptableModel:
         return not self.torch_net_built or _module_count(self.net.mask_decoder) == self._decoder_signature
 
     def decode(self, embedding, box_xy_model=None, points_xy_model=None, point_labels=None,
-               mask_logits=None, multimask: Optional[bool] = False, fast: bool = False):
+               mask_logits=None, multimask: Optional[bool] = False, fast: bool = False, adapter=None):
         """Run prompt encoder + mask decoder on a cached embedding (numpy array or torch tensor).
 
         Returns (low-resolution logits (C, 256, 256) — four times the embedding grid, i.e. S/4
@@ -325,10 +325,23 @@ class PromptableModel:
         the torch decoder is unmodified; the logits are then a numpy array and no torch is imported): the
         session does so without an adapter; the default is the torch decoder (logits a torch tensor),
         bitwise stable for callers that compare outputs before and after attaching adapters (training).
+
+        ``adapter`` (an organ adapter, e.g. ``MedFMTrainLib.adapters.OrganAdapter``): decode with it. With
+        ``fast=True`` its own exported decoder (``adapter.fast_decoder(model)``: the LoRA weights merged into a
+        copy of the decoder, exported once per adapter) when it has one, else the torch decoder inside
+        ``adapter.applied(model)``.
         """
         has_prompt = box_xy_model is not None or (points_xy_model is not None and len(points_xy_model) > 0)
-        if (fast and self._fast_decoder is not None and mask_logits is None and has_prompt
-                and self._prompt_encoder is not None and self._decoder_unmodified()):
+        decoder = self._fast_decoder if self._decoder_unmodified() else None
+        if adapter is not None:
+            get = getattr(adapter, "fast_decoder", None)
+            decoder = get(self) if fast and get is not None and mask_logits is None and has_prompt else None
+            if decoder is None:
+                with adapter.applied(self):
+                    return self.decode(embedding, box_xy_model, points_xy_model, point_labels, mask_logits,
+                                       multimask)
+        if (fast and decoder is not None and mask_logits is None and has_prompt
+                and self._prompt_encoder is not None):
             # the export has the no-mask dense embedding built in; the prompts embedded in numpy (prompt_encoding)
             boxes = None if box_xy_model is None else np.asarray(box_xy_model, np.float32).reshape(1, 4)
             points = None
@@ -337,7 +350,7 @@ class PromptableModel:
                           np.asarray(point_labels, np.int64).reshape(1, -1))
             sparse = self._prompt_encoder(points=points, boxes=boxes)
             pick = [0, 1, 2, 3] if multimask is None else [1, 2, 3] if multimask else [0]
-            return self._fast_decoder(as_float32(embedding), sparse, pick)
+            return decoder(as_float32(embedding), sparse, pick)
         import torch
 
         with torch.inference_mode():
@@ -369,15 +382,20 @@ class PromptableModel:
         return logits[0], iou[0].float().cpu().numpy()
 
     def decode_all(self, embedding, box_xy_model=None, points_xy_model=None, point_labels=None,
-                   fast: bool = False):
+                   fast: bool = False, adapter=None):
         """The single answer and the three multimask answers from one decoder run: logits (4, 256, 256) and
         IoU (4,), equal to ``decode(multimask=False)`` followed by ``decode(multimask=True)`` (the decoder
         computes all four each time and keeps one or three)."""
-        return self.decode(embedding, box_xy_model, points_xy_model, point_labels, multimask=None, fast=fast)
+        return self.decode(embedding, box_xy_model, points_xy_model, point_labels, multimask=None, fast=fast,
+                           adapter=adapter)
 
 
 def _module_count(module: "nn.Module") -> int:
-    return sum(1 for _ in module.modules())
+    """The decoder's signature for "unmodified": its module count, where a disabled LoRA wrapper (peft's layers
+    compute exactly ``base_layer(x)`` when disabled) counts as its base layer, and an enabled one spoils it."""
+    if hasattr(module, "base_layer") and hasattr(module, "disable_adapters"):
+        return _module_count(module.base_layer) if module.disable_adapters else -(1 << 40)
+    return 1 + sum(_module_count(child) for child in module.children())
 
 
 def _first_mismatch(message: str) -> str:

@@ -225,18 +225,52 @@ def _splittable(model) -> bool:
     return model.spec.encoder == "tinyvit"
 
 
-def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
+def _decoder_callable(ov_model, grid: int):
+    """``(embedding, sparse tokens, picked mask indices) -> (masks, IoUs)`` on a compiled folded decoder."""
     from .decoder_graph import unblock_masks
 
+    def run(emb, sp, pick):  # the picked masks, put in image order straight from OpenVINO's output buffer
+        return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, (grid, grid)),
+                                                    np.array(out[1][0, pick], dtype=np.float32)))
+    run.threads = ov_model.threads
+    return run
+
+
+def compile_decoder_like(model, mask_decoder: "nn.Module"):
+    """The fast decoder ``model`` has (OpenVINO fp32, the folded graph), rebuilt from another mask decoder of the
+    same architecture, e.g. a copy with an adapter's LoRA weights merged in: a callable for
+    ``SamModel.decode`` (the adapter's ``fast_decoder``), or None when ``model`` decodes on torch.
+
+    Built in memory (a temporary folder for the IR, removed after compiling): measured 1.8 s on one thread
+    (trace + convert 1.6 s, compile 0.2 s), then each decode as fast as the base model's export (29 ms vs
+    168 ms on the torch decoder, LiteMedSAM, Intel Xeon, 1 thread)."""
+    import tempfile
+
+    import torch
+
+    from .decoder_export import FoldedDecoder
+
+    base = model._fast_decoder
+    if base is None or model._prompt_encoder is None:
+        return None
+    grid = embedding_grid(model.input_size)
+    emb_shape = [1, EMBED_DIM, grid, grid]
+    pe = model.net.prompt_encoder
+    with torch.inference_mode():
+        dense_pe = pe.get_dense_pe()
+        sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
+    folded = FoldedDecoder(mask_decoder, dense_pe, dense, blocked=True).eval()
+    with tempfile.TemporaryDirectory(prefix="medfm-decoder-") as folder:
+        xml = runtimes.export_openvino(folded, (torch.zeros(emb_shape), sparse), Path(folder),
+                                       input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
+        ov_model = runtimes.OpenVINOModel(xml, "fp32", getattr(base, "threads", 1))
+    return _decoder_callable(ov_model, grid)
+
+
+def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
     grid = embedding_grid(model.input_size)
     emb_shape = [1, EMBED_DIM, grid, grid]  # the embedding grid (known without building the torch net)
     compiled = {}
-
-    def make_decoder(ov_model):
-        def run(emb, sp, pick):  # the picked masks, put in image order straight from OpenVINO's output buffer
-            return ov_model.run((emb, sp), lambda out: (unblock_masks(out[0], pick, (grid, grid)),
-                                                        np.array(out[1][0, pick], dtype=np.float32)))
-        return run
 
     def as_decode(decoder, pe):
         import torch
@@ -265,7 +299,7 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
         xml = runtimes.export_openvino(folded, (reference, sparse), folder,
                                        input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
         ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
-        decoder = make_decoder(ov_model)
+        decoder = _decoder_callable(ov_model, grid)
         masks = _probe_masks(model, reference, as_decode(decoder, pe))
         diff = max(float(np.abs(a - b).max()) for a, b in zip(masks, ref_masks))
         compiled["model"] = ov_model
@@ -291,6 +325,6 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
                     type(exc).__name__, exc)
         return
     ov_model = compiled.get("model") or runtimes.OpenVINOModel(entry / "model.xml", "fp32", threads)
-    model._fast_decoder = make_decoder(ov_model)
+    model._fast_decoder = _decoder_callable(ov_model, grid)
     model.mark_decoder_exported()
     info["decoder"] = "openvino"

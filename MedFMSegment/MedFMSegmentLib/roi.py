@@ -136,11 +136,8 @@ class _Candidates:
         in_box[max(by0, 0):by1 + 1, max(bx0, 0):bx1 + 1] = True
         out, kept = [], []
         r0, r1, c0, c1 = self.rect_px
-        ctx = s.adapter.applied(s.model) if s.adapter is not None else _Null()
-        with ctx:
-            # one decoder run for the single and the multimask answers, on the exported decoder without an
-            # adapter, as the session decodes (the torch one with it)
-            logits, iou = s.model.decode_all(emb, box_model, fast=s.adapter is None)
+        # one decoder run for the single and the multimask answers, on the exported decoder as the session decodes
+        logits, iou = s.model.decode_all(emb, box_model, fast=True, adapter=s.adapter)
         for c in range(logits.shape[0]):
             on_slice = model_to_slice(logits[c], self.crop, self.shape)
             if self.keep_logits:
@@ -166,14 +163,6 @@ def _grown(mask: np.ndarray, radius: int) -> np.ndarray:
 
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [radius, radius], sitk.sitkCross)) > 0
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _seed_score(mask, iou, rect, neighbours, cfg) -> float:

@@ -25,7 +25,6 @@ Accuracy choices (measured in Testing/benchmarks/bench_2d.py):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import logging
@@ -392,9 +391,7 @@ class PromptSession:
         if points and "points" in self.model.spec.trained_with:
             pts = crop.to_model([p for p, _ in points])
             lbl = [1 if pos else 0 for _, pos in points]
-        ctx = self.adapter.applied(self.model) if self.adapter is not None else contextlib.nullcontext()
-        with ctx:
-            logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input, fast=self.adapter is None)
+        logits_model, iou = self.model.decode(emb, box_model, pts, lbl, mask_input, fast=True, adapter=self.adapter)
         shape = geometry.slice_shape(self._shape, axis)
         logits = model_to_slice(logits_model[0], crop, shape)
         mask = (logits > self.config.mask_threshold).astype(np.uint8)

@@ -19,6 +19,7 @@ cached embeddings unusable during training.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import re
@@ -247,6 +248,7 @@ class OrganAdapter:
         self.manifest = manifest or {}
         self.path = path
         self.digest = tensors_digest(tensors)
+        self._fast: Dict[int, object] = {}  # id(model) -> its fast decoder with this adapter, or None
 
     @property
     def peft_name(self) -> str:
@@ -299,6 +301,17 @@ class OrganAdapter:
             finally:
                 _set_enabled(model, None)
 
+    def fast_decoder(self, model):
+        """This adapter's exported decoder on ``model`` (its LoRA merged into a copy of the decoder, compiled once
+        per model and checked against the torch decoder with the adapter), or None: the torch decoder then runs
+        inside :meth:`applied` (a model on torch, or a failed check)."""
+        key = id(model)
+        if key not in self._fast:
+            self.check_model(model)
+            with model_lock(model):
+                self._fast[key] = _checked_fast_decoder(model, self)
+        return self._fast[key]
+
     def detector(self, model, **kwargs):
         """The organ localizer as a ``Detector`` (``detect(array_kji, ijk_to_ras)``)."""
         from .localizer import OrganLocalizer
@@ -307,6 +320,80 @@ class OrganAdapter:
             raise InputError(f"adapter {self.organ!r} has no localizer (it was trained without one)")
         self.check_model(model)
         return OrganLocalizer(self.localizer, model, self.organ, **kwargs)
+
+
+def merged_decoder(model, adapter: "OrganAdapter") -> torch.nn.Module:
+    """A copy of the model's base mask decoder with ``adapter``'s LoRA products added to the weights they adapt
+    (``W + alpha / rank * B A``, peft's scaling): no LoRA layer left, the shared model untouched."""
+    md = _decoder(model)
+    host = md.__dict__.get("_medfm_adapter_host")
+    copy_md = copy.deepcopy(md, memo={id(host): host} if host is not None else None)
+    copy_md.__dict__.pop("_medfm_adapter_host", None)
+    copy_md.__dict__.pop("peft_config", None)
+    for name in list(_lora_layers_of(copy_md)):
+        parent, _, leaf = name.rpartition(".")
+        owner = copy_md.get_submodule(parent) if parent else copy_md
+        setattr(owner, leaf, copy_md.get_submodule(name).base_layer)
+    scale = adapter.settings.alpha / adapter.settings.rank
+    with torch.no_grad():
+        for key, a in adapter.tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            b = adapter.tensors[f"{module}.lora_B.weight"]
+            weight = copy_md.get_submodule(module).weight
+            weight += (scale * b.to(torch.float32) @ a.to(torch.float32)).to(weight.dtype)
+    return copy_md.eval()
+
+
+def _lora_layers_of(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _checked_fast_decoder(model, adapter: "OrganAdapter"):
+    """``compile_decoder_like`` on the merged decoder, kept only if its masks agree with the torch decoder's with
+    the adapter on a fixed random embedding (the base export's bounds: logits within 1e-2, masks' Dice 0.99)."""
+    from MedFMSegmentLib.model_registry import EMBED_DIM, embedding_grid
+    from MedFMSegmentLib.openvino_model import compile_decoder_like
+    from MedFMSegmentLib.runtimes import MIN_AGREEMENT, mask_agreement, probe_boxes
+
+    if model._fast_decoder is None:
+        return None
+    try:
+        fast = compile_decoder_like(model, merged_decoder(model, adapter))
+    except Exception as exc:  # an export failure costs speed, never the result
+        log.warning("adapter %s: exported decoder failed (%s: %s); decoding on torch", adapter.organ,
+                    type(exc).__name__, exc)
+        return None
+    if fast is None:
+        return None
+    grid = embedding_grid(model.input_size)
+    emb = torch.randn((1, EMBED_DIM, grid, grid), generator=torch.Generator().manual_seed(3))
+    ref, out = [], []
+    for box in probe_boxes(model.input_size):
+        with adapter.applied(model), torch.inference_mode():
+            ref.append(model.decode(emb, box_xy_model=box)[0].float().numpy())
+        out.append(model.decode(emb.numpy(), box_xy_model=box, fast=True, adapter=_Fixed(fast))[0])
+    diff = max(float(abs(a - b).max()) for a, b in zip(ref, out))
+    agreement = mask_agreement(ref, out)
+    if diff > 1e-2 or agreement < MIN_AGREEMENT["fp32"]:
+        log.warning("adapter %s: exported decoder disagrees with torch (max diff %.3g, Dice %.4f); decoding on torch",
+                    adapter.organ, diff, agreement)
+        return None
+    log.info("adapter %s: exported decoder built (max logit diff %.2g vs torch)", adapter.organ, diff)
+    return fast
+
+
+class _Fixed:
+    """An adapter stand-in that hands ``SamModel.decode`` a given fast decoder (the check above)."""
+
+    def __init__(self, fast):
+        self._decoder = fast
+
+    def fast_decoder(self, model):
+        return self._decoder
 
 
 def injected_adapters(model) -> List[str]:

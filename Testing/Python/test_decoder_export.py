@@ -173,3 +173,57 @@ def test_decode_all_is_the_single_and_the_multimask_answers_of_one_run(ov_liteme
             assert logits.shape == (4, 256, 256) and iou.shape == (4,)
             logits, one, three = (torch.as_tensor(x) for x in (logits, one, three))
             assert torch.equal(logits, torch.cat([one, three])) and np.array_equal(iou, np.concatenate([iou_one, iou_three]))
+
+
+def _random_adapter(model, scale=0.05):
+    """An organ adapter with non-zero LoRA weights (B is zero after injection: the adapter would change nothing)."""
+    from MedFMTrainLib import adapters as A
+
+    settings = A.LoraSettings(rank=4, alpha=8.0, targets="decoder")
+    A.inject(model, "medfm_test_fast", settings, seed=0)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in A.lora_parameters(model, "medfm_test_fast"):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        tensors = A.state(model, "medfm_test_fast")
+    finally:
+        A.remove(model, "medfm_test_fast")
+    return A.OrganAdapter("Thalamus_L", model.spec.id, model.checkpoint_sha256, settings, tensors)
+
+
+def test_an_adapter_decodes_on_its_own_exported_decoder(ov_litemedsam, litemedsam, real_embeddings):
+    """An organ adapter's LoRA merged into a copy of the decoder and exported (``OrganAdapter.fast_decoder``, what
+    re-propagation with an online adapter runs): on real embeddings its answers equal the torch decoder's with the
+    adapter applied; the base model's own export is still used afterwards and gives bitwise what it gave before
+    (another segment's result); on a torch model there is no export and the torch decoder runs with the adapter."""
+    m = ov_litemedsam
+    prompts = [(emb, crop.box_to_model(box)) for emb, crop, box, _ in real_embeddings]
+    before = [m.decode(emb, box, fast=True) for emb, box in prompts]
+    adapter = _random_adapter(m)
+    try:
+        fast = adapter.fast_decoder(m)
+        assert fast is not None and adapter.fast_decoder(m) is fast, "built once per model"
+        for (emb, box), (base, _) in zip(prompts, before):
+            got, iou = m.decode(emb, box, fast=True, adapter=adapter)
+            assert isinstance(got, np.ndarray), "the exported decoder ran (torch returns a tensor)"
+            with adapter.applied(m):
+                ref, ref_iou = m.decode(emb, box)
+            ref = ref.numpy()
+            assert float(np.abs(ref - base).max()) > 0.5, "the adapter changes the answer"
+            np.testing.assert_allclose(got, ref, atol=2e-3)  # measured ~2e-5
+            np.testing.assert_allclose(iou, ref_iou, atol=1e-3)
+        for (emb, box), (base, base_iou) in zip(prompts, before):
+            again, again_iou = m.decode(emb, box, fast=True)
+            assert isinstance(again, np.ndarray), "the base export is still used beside the adapter's layers"
+            np.testing.assert_array_equal(again, base)
+            np.testing.assert_array_equal(again_iou, base_iou)
+        assert adapter.fast_decoder(litemedsam) is None  # the torch runtime: nothing exported
+        emb, box = prompts[0]
+        got, _ = litemedsam.decode(emb, box, fast=True, adapter=adapter)
+        with adapter.applied(litemedsam):
+            ref, _ = litemedsam.decode(emb, box)
+        assert torch.equal(got, ref)
+    finally:
+        adapter.detach(m)
+        adapter.detach(litemedsam)
