@@ -9,6 +9,7 @@ thread; the main thread waits for it releasing the GIL and pumping GUI events (`
 and the result is written into MRML on the main thread (``MedFMJob.finish``). The engine (torch) is
 imported only when work starts, so the module loads without it.
 """
+import importlib
 import logging
 import os
 import pathlib
@@ -117,8 +118,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for button, slot in ((self.ui.openEditorButton, self.onOpenEditor),
-                             (self.ui.attachAdapterButton, self.onAttachAdapter),
-                             (self.ui.detectButton, self.onDetect),
+                             (self.ui.attachAdapterButton, self.onAttachAdapter), (self.ui.detectButton, self.onDetect),
                              (self.ui.cancelButton, self.onCancel)):
             button.connect("clicked(bool)", lambda checked=False, slot=slot: slot())
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", lambda segmentId: self._updateGui())
@@ -273,6 +273,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.modelId, self.device, self.preset = "litemedsam", None, None
         self.adapterDir, self.checkpoint, self.allowUnverified = None, None, False
         self._models, self._sessions, self._adapters = {}, {}, {}
+        self.onlineAdaptation, self._online = True, None  # online adaptation from accepted slices (README)
         self._undo = deque(maxlen=UNDO_DEPTH)
         self._lock = threading.Lock()
         self._worker = Worker("medfm")
@@ -293,8 +294,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def configureFromParameterNode(self):
         """Take the model settings of the MedFM Segment module (its parameter node in the scene)."""
         p = self.getParameterNode()
-        self.configure(p.model, p.device, p.preset, _pathText(p.adapterDir), _pathText(p.checkpoint),
-                       p.allowUnverified)
+        self.configure(p.model, p.device, p.preset, _pathText(p.adapterDir), _pathText(p.checkpoint), p.allowUnverified)
 
     def shutdown(self):
         self._worker.shutdown()
@@ -343,14 +343,6 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         from MedFMSegmentLib.session import PromptSession
         return PromptSession(model=self._model())
 
-    @staticmethod
-    def _adapterLoader():
-        try:
-            from MedFMTrainLib.store import load_adapter
-        except ImportError:
-            return None
-        return load_adapter
-
     def _start(self, job, wait):
         def locked(job=job):
             with self._lock:
@@ -382,13 +374,25 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         session.adapter = self._adapter(session.model, adapterDir or self.adapterDir)
         return session
 
+    @staticmethod
+    def _trainer(module, name):  # MedFMTrainLib.<module>.<name>, None without the trainer
+        try:
+            return getattr(importlib.import_module(f"MedFMTrainLib.{module}"), name)
+        except ImportError as exc:
+            log.warning("MedFMTrainLib failed to import (%s): no %s", exc, name)
+
+    def _onlineUpdater(self):  # made once; False: no trainer
+        make = self._trainer("online", "adapter_updater") if self._online is None else None
+        self._online = (make() if make else False) if self._online is None else self._online
+        return self._online or None
+
     def _adapter(self, model, adapterDir=None):
         adapterDir = adapterDir or self.adapterDir
         if not adapterDir:
             return None
         key = (adapterDir, id(model))
         if key not in self._adapters:
-            load = self._adapterLoader()
+            load = self._trainer("store", "load_adapter")
             if load is None:
                 raise InputError(f"adapter {adapterDir!r} needs MedFMTrainLib.store, which is not available")
             self._adapters[key] = load(adapterDir, model)
@@ -430,7 +434,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         def work(job):
             from MedFMSegmentLib import api
             return api.segment(array_kji, ijk_to_ras, prompts, session=self._newSession(), preset=self.preset,
-                               adapter=adapterDir, adapter_loader=self._adapterLoader(),
+                               adapter=adapterDir, adapter_loader=self._trainer("store", "load_adapter"),
                                progress=job.progress, should_stop=job.shouldStop)
 
         def apply(masks):
@@ -522,6 +526,8 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         def work(job):
             from MedFMSegmentLib.propagate import propagate
             entry.repin(accepted)  # the accepted slices as the segment holds them now
+            if self.onlineAdaptation:  # the segment's adapter updated from its accepted slices first
+                entry.adapt_online(self._onlineUpdater(), axis, segmentName.strip())
             return propagate(entry.session, axis=axis, previous=previous, from_index=fromIndex,
                              progress=job.progress, should_stop=job.shouldStop)
 
@@ -562,8 +568,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             from MedFMSegmentLib import chain, detectors
             found = (detectors.detector_from_spec(detectorSpec) if detectorSpec else
                      detectors.LabelmapDetector(regions, regions_ijk_to_ras, labels=labels))
-            masks, report = chain.detect_and_segment(
-                self._newSession(), found, array_kji, ijk_to_ras, axis=axis,
+            masks, report = chain.detect_and_segment( self._newSession(), found, array_kji, ijk_to_ras, axis=axis,
                 labels=labels, score_threshold=scoreThreshold, margin_vox=margin, preset=self.preset,
                 progress=job.progress, should_stop=job.shouldStop)
             log.info("detect + segment: %s", report)

@@ -29,6 +29,8 @@ from .session import PromptSession
 log = logging.getLogger(__name__)
 
 AdapterLoader = Callable[[str, object], object]  # (adapter path, model) -> adapter object
+# (session, axis, organ, current adapter or None) -> the adapter updated from the session's corrected slices of axis
+Adapt = Callable[[PromptSession, str, str, Optional[object]], Optional[object]]
 
 
 @dataclass
@@ -53,30 +55,8 @@ def as_prompt_set(prompt_source, ijk_to_ras, shape) -> prompts_mod.PromptSet:
     raise InputError(f"prompts must be a PromptSet, a dict, JSON text or an existing file, got {prompt_source!r}")
 
 
-def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progress: Progress = None,
-                should_stop: ShouldStop = None) -> tuple:
-    """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info).
-
-    ``info["review"]``: every non-corrected slice the result touches or borders as ``{"axis", "index",
-    "confidence", "expected_wrong"}``, least confident first (propagated slices: ``VolumeResult.review``; ROI
-    slices and unpropagated prompted slices: the model's predicted IoU, expected wrong (1 - IoU) x area); sorted
-    by ``expected_wrong``, largest first, it is the engine's review order (``VolumeResult.review``: where a
-    correction probably helps most); ``info["corrected"]``: the pinned slices.
-    """
-    session.reset()
-    info: dict = {}
-    confidence: Dict[tuple, float] = {}
-    wrong: Dict[tuple, float] = {}  # expected wrong pixels (the engine's review order)
-    mask = np.zeros(session.shape, np.uint8)
-    if seg.roi_ijk is not None:
-        r = segment_roi(session, seg.roi_ijk, axis=seg.roi_axis, progress=progress, should_stop=should_stop)
-        mask |= r.mask
-        info["roi"] = {"slices": len(r.scores), "stopped": r.stopped, "seconds": round(r.seconds, 2)}
-        for index, score in r.scores.items():
-            area = int(geometry.get_slice(r.mask, seg.roi_axis, index).sum())
-            if area:
-                confidence[(seg.roi_axis, int(index))] = round(float(score), 4)
-                wrong[(seg.roi_axis, int(index))] = (1.0 - float(score)) * area
+def _add_prompts(session: PromptSession, seg: prompts_mod.SegmentPrompts, info: dict) -> None:
+    """The segment's boxes, points and corrected slices into the session (corrections last: they win)."""
     for box in seg.boxes:
         session.add_box(box.axis, box.index, box.box_xy)
     for p in seg.points:
@@ -93,6 +73,63 @@ def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progres
         info["corrections"] = corr.report()
         if warnings:
             info["warnings"] = warnings
+
+
+def _adapt(session: PromptSession, seg: prompts_mod.SegmentPrompts, adapt: Adapt, info: dict) -> None:
+    """Online adaptation from the segment's corrected slices (see :func:`segment_one`); sets ``session.adapter``."""
+    corr = seg.corrections
+    if not any(c.mask.any() for c in corr.slices):
+        info["adaptation"] = {"skipped": "no corrected slice holds the structure"}
+        return
+    t0 = time.perf_counter()
+    new = adapt(session, corr.axis, seg.name, session.adapter)
+    if new is None or new is session.adapter:
+        info["adaptation"] = {"skipped": "no corrected slice gave a training sample"}
+        return
+    session.adapter = new
+    online = getattr(new, "manifest", {}).get("online", {})
+    metrics = online.get("metrics") or {}
+    info["adaptation"] = {"slices": online.get("samples"), "seconds": round(time.perf_counter() - t0, 2),
+                          "train_dice": [metrics.get("train_dice_base"), metrics.get("train_dice_adapted")]}
+
+
+def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progress: Progress = None,
+                should_stop: ShouldStop = None, adapt: Optional[Adapt] = None) -> tuple:
+    """One segment's 3D mask from its prompts (the session is reset first). Returns (mask, info).
+
+    ``info["review"]``: every non-corrected slice the result touches or borders as ``{"axis", "index",
+    "confidence", "expected_wrong"}``, least confident first (propagated slices: ``VolumeResult.review``; ROI
+    slices and unpropagated prompted slices: the model's predicted IoU, expected wrong (1 - IoU) x area); sorted
+    by ``expected_wrong``, largest first, it is the engine's review order (``VolumeResult.review``: where a
+    correction probably helps most); ``info["corrected"]``: the pinned slices.
+
+    ``adapt`` (e.g. ``MedFMTrainLib.online.adapter_updater()``): when the segment's corrections allow it
+    (``"adapt"``, default true) and hold the structure on at least one slice, the segment's adapter (its own, or
+    none) is updated from them first and the segment is segmented with the result (``session.adapter`` is left
+    set to it; ``info["adaptation"]`` says what was done).
+    """
+    session.reset()
+    info: dict = {}
+    confidence: Dict[tuple, float] = {}
+    wrong: Dict[tuple, float] = {}  # expected wrong pixels (the engine's review order)
+    mask = np.zeros(session.shape, np.uint8)
+    if seg.roi_ijk is not None:
+        r = segment_roi(session, seg.roi_ijk, axis=seg.roi_axis, progress=progress, should_stop=should_stop)
+        mask |= r.mask
+        info["roi"] = {"slices": len(r.scores), "stopped": r.stopped, "seconds": round(r.seconds, 2)}
+        for index, score in r.scores.items():
+            area = int(geometry.get_slice(r.mask, seg.roi_axis, index).sum())
+            if area:
+                confidence[(seg.roi_axis, int(index))] = round(float(score), 4)
+                wrong[(seg.roi_axis, int(index))] = (1.0 - float(score)) * area
+    corr = seg.corrections
+    _add_prompts(session, seg, info)
+    if adapt is not None and corr is not None and corr.adapt:
+        before = session.adapter
+        _adapt(session, seg, adapt, info)
+        if session.adapter is not before:  # the boxes' and points' slices decoded again, with the new adapter
+            session.reset()
+            _add_prompts(session, seg, {})
     if seg.boxes or seg.points or corr is not None:
         if seg.propagate:
             for axis in sorted({a for a, _ in session.prompted_slices()}):
@@ -126,12 +163,13 @@ def segment(array_kji, ijk_to_ras, prompt_source, session: Optional[PromptSessio
             model: str = "litemedsam", device: Optional[str] = None, preset: Optional[str] = None,
             adapter: Optional[str] = None, adapter_loader: Optional[AdapterLoader] = None,
             progress: Progress = None, should_stop: ShouldStop = None,
-            report: Optional[SegmentationReport] = None) -> Dict[str, np.ndarray]:
+            report: Optional[SegmentationReport] = None, adapt: Optional[Adapt] = None) -> Dict[str, np.ndarray]:
     """Segment every segment of a prompt set; returns ``{name: uint8 mask [k, j, i]}`` in file order.
 
     ``adapter`` applies one adapter directory to every segment; a segment's own ``"adapter"`` wins.
     Adapters need ``adapter_loader`` (``MedFMTrainLib.store.load_adapter``): the engine does not
-    import the trainer.
+    import the trainer. ``adapt``: online adaptation for segments with corrected slices (see :func:`segment_one`;
+    ``MedFMTrainLib.online.adapter_updater()``); the updated adapter serves that segment only.
     """
     t0 = time.perf_counter()
     if session is None:
@@ -158,7 +196,12 @@ def segment(array_kji, ijk_to_ras, prompt_source, session: Optional[PromptSessio
             if progress is not None:
                 progress((number + fraction) / n, f"{name}: {message}")
 
-        mask, info = segment_one(session, seg, sub_progress, should_stop)
+        base = session.adapter
+        try:
+            mask, info = segment_one(session, seg, sub_progress, should_stop, adapt)
+        finally:
+            if session.adapter is not base and hasattr(session.adapter, "detach"):
+                session.adapter.detach(session.model)  # an online adapter: this segment's only
         out[seg.name] = mask
         if report is not None:
             report.segments[seg.name] = info

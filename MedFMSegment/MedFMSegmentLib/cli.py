@@ -77,6 +77,16 @@ def _check_volume(path: str, array_kji, preset: Optional[str]) -> None:
         raise InputError(f"--preset: {exc}") from None
 
 
+def _online_adaptation():
+    """The trainer's online adaptation for segments with corrected slices (imported only when one has some)."""
+    try:
+        from MedFMTrainLib.online import adapter_updater
+    except ImportError as exc:
+        raise MedFMError(f"online adaptation from corrections needs MedFMTrainLib, which failed to import: {exc}; "
+                         "pass --no-adapt to segment without it") from exc
+    return adapter_updater()
+
+
 def _check_adapters(paths) -> None:
     """Load every adapter folder without the model (manifest, sha256, finite tensors) before it loads;
     first without torch (``store_files.check_adapter_files``), so a broken adapter fails in a second."""
@@ -143,13 +153,17 @@ def segment_case(args, volume: str, prompts_path: str, output: str, labelmap: Op
     if any(adapters):
         _check_adapters(adapters)
         loader = _adapter_loader()
+    adapt = None
+    if not getattr(args, "no_adapt", False) and any(seg.corrections is not None and seg.corrections.adapt
+                                                    for seg in prompt_set.segments):
+        adapt = _online_adaptation()
     from . import api  # imports torch: after every check that needs none
 
     report = api.SegmentationReport()
     session = session or (get_session() if get_session is not None else _session(args))
     masks = api.segment(array_kji, ijk_to_ras, prompt_set, session=session,
                         preset=args.preset, adapter=args.adapter, adapter_loader=loader, report=report,
-                        progress=progress)
+                        progress=progress, adapt=adapt)
     _write_outputs([
         (output, lambda g: io.write_segmentation(output, masks, ijk_to_ras, overwrite=args.overwrite, group=g)),
         (labelmap, lambda g: io.write_labelmap(labelmap, masks, ijk_to_ras, overwrite=args.overwrite, group=g)),
@@ -489,6 +503,9 @@ def build_parser(with_tune: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--labelmap", help="also write a labelmap (.nii.gz / .nrrd), label i+1 for segment i")
     p.add_argument("--overlay", help="also write a PNG overlay of the result")
     p.add_argument("--adapter", help="adapter directory applied to every segment")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="no online adaptation from a segment's corrected slices (default: its adapter is updated "
+                        "from them before propagating, see README 'Corrected slices')")
     _model_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -15,6 +15,9 @@ slice without a voxel of ``value`` is a corrected *empty* slice ("the object is 
   the corrections must lie on the axis its boxes and points (or its ``roi_axis``) use: they seed and
   bound that propagation, and a corrected slice across it would be overwritten by it.
 - ``slices`` (required): a non-empty list of distinct slice indices (0-based) inside the volume.
+- ``adapt`` (default true): update the segment's organ adapter from its non-empty corrected slices before
+  propagating (online adaptation, ``MedFMTrainLib.online``; when the caller supplies it, as the ``medfm`` CLI
+  does); false propagates with the segment's adapter (or the base model) as it is.
 
 A ``value`` absent from the whole labelmap is allowed (every listed slice is then a corrected empty
 slice) and reported as a warning. Bad input (another grid, an unreadable or truncated file, an index
@@ -39,7 +42,7 @@ from .prompts_json import MAX_PROMPTS, MAX_PROMPTS_BYTES, _Problems, _axis, _che
 
 log = logging.getLogger(__name__)
 
-KEYS = ("labelmap", "value", "axis", "slices")
+KEYS = ("labelmap", "value", "axis", "slices", "adapt")
 DEFAULT_VALUE = 1
 MAX_CORRECTED_SLICES = 10_000  # over all segments of a prompts file (each is a slice-sized mask in memory)
 MAX_LABEL = 2 ** 31 - 1
@@ -61,6 +64,7 @@ class Corrections:
     axis: str
     slices: List[CorrectedSlice] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    adapt: bool = True  # online adaptation from the corrected slices (when the caller supplies it)
 
     @property
     def indices(self) -> List[int]:
@@ -72,7 +76,8 @@ class Corrections:
 
     def to_dict(self) -> dict:
         """The prompts-file form (the labelmap path as resolved)."""
-        return {"labelmap": self.labelmap, "value": self.value, "axis": self.axis, "slices": self.indices}
+        return {"labelmap": self.labelmap, "value": self.value, "axis": self.axis, "slices": self.indices,
+                "adapt": self.adapt}
 
     def report(self) -> dict:
         """For a run's report: the file form plus the listed slices that are corrected empty slices."""
@@ -111,9 +116,13 @@ def parse_corrections(value: Any, where: str, problems: _Problems) -> Optional[d
         ok = False
     axis = _axis(corr.get("axis", "axial"), f"{where}.axis", problems)
     slices = _parse_slices(corr.get("slices"), "slices" in corr, f"{where}.slices", problems)
+    adapt = corr.get("adapt", True)
+    if not isinstance(adapt, bool):
+        problems.add(f"{where}.adapt", f"expected true or false, got {_type_name(adapt)} {adapt!r}")
+        ok = False
     if not ok or axis is None or slices is None:
         return None
-    return {"labelmap": labelmap, "value": int(label), "axis": axis, "slices": slices}
+    return {"labelmap": labelmap, "value": int(label), "axis": axis, "slices": slices, "adapt": adapt}
 
 
 def _parse_slices(value: Any, given: bool, where: str, problems: _Problems) -> Optional[List[int]]:
@@ -239,7 +248,7 @@ def resolve_corrections(seg: dict, where: str, shape_kji: Sequence[int], ijk_to_
     if bad:
         return None
     value = corr["value"]
-    out = Corrections(path, value, axis)
+    out = Corrections(path, value, axis, adapt=corr.get("adapt", True))
     present = _has_value(labels, value)
     for index in corr["slices"]:
         mask = (geometry.get_slice(labels, axis, index) == value) if present else \

@@ -19,6 +19,7 @@ class SessionEntry:
         self.propagated = False
         self.review: List[dict] = []  # last propagation: [{"axis", "index", "confidence"}], least confident first
         self.accepted: set = set()  # (axis, index) the user accepted as corrected slices (the effect's A key)
+        self.online = None  # (key, base adapter, online adapter): the last online adaptation (adapt_online)
 
     def ready(self, new_session: Callable, stamp, volume, target, preset=None, adapter=None):
         """The session, holding ``volume`` ((array_kji, ijk_to_ras), or None if unchanged) and only ``target``'s prompts."""
@@ -50,6 +51,44 @@ class SessionEntry:
                 self.session.set_slice_mask(axis, index, mask)
                 done.append((axis, index))
         return done
+
+    def adapt_online(self, update: Optional[Callable], axis: Optional[str], organ: str) -> Optional[object]:
+        """Before a propagation: the session's adapter updated from its corrected slices of ``axis``
+        (``update(session, axis, organ, base)``, e.g. ``MedFMTrainLib.online.adapter_updater()``), set as
+        ``session.adapter``; returns it (None: nothing done, the adapter stays the segment's own).
+
+        ``base`` is the segment's own adapter (the one ``ready`` set), never a previous online one; the same
+        corrected slices and base reuse the last result instead of training again. ``axis`` None: the one axis
+        the corrected slices lie on (none or several: nothing done)."""
+        import numpy as np
+
+        pinned = self.session.pinned_slices()
+        if update is None or not pinned:
+            return None
+        if axis is None:
+            axes = {a for a, _ in pinned}
+            if len(axes) != 1:
+                return None
+            axis = axes.pop()
+        masks = [(i, self.session.slice_state(a, i).mask) for a, i in sorted(pinned) if a == axis]
+        if not any(np.asarray(m).any() for _, m in masks):
+            return None
+        base = self.session.adapter
+        if self.online is not None and base is self.online[2]:
+            base = self.online[1]  # propagating again: train from the segment's own adapter
+        key = (self.generation, axis, organ, tuple((i, hash(np.asarray(m > 0).tobytes())) for i, m in masks))
+        if self.online is not None and self.online[0] == key and self.online[1] is base:
+            adapter = self.online[2]
+        else:
+            adapter = update(self.session, axis, organ, base)
+            if adapter is None:
+                return None
+            previous = self.online[2] if self.online is not None else None
+            if previous is not None and previous is not adapter and hasattr(previous, "detach"):
+                previous.detach(self.session.model)  # its layers would stay in the shared decoder
+            self.online = (key, base, adapter)
+        self.session.adapter = adapter
+        return adapter
 
     def next_review(self, visited=()) -> Optional[Tuple[str, int, float]]:
         """(axis, index, confidence) of the least confident slice of the last propagation not in ``visited``."""

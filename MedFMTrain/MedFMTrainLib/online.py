@@ -89,6 +89,17 @@ class OnlineConfig:
                           pool=PoolConfig(box_margin_px=tuple(self.box_margin_px)), localizer=False)
 
 
+def adapter_updater(config: Optional[OnlineConfig] = None):
+    """The online adaptation ``api.segment(adapt=...)`` runs for a segment with corrected slices:
+    ``update(session, axis, organ, base) -> adapter`` (:func:`adapt_from_corrections`, in memory)."""
+    config = config or OnlineConfig()
+    config.check()
+
+    def update(session, axis: str, organ: str, base=None):
+        return adapt_from_corrections(session, axis, organ, base=base, config=config)
+    return update
+
+
 def corrected_samples(session, axis: str, crops: Optional[Dict[int, object]] = None,
                       config: Optional[OnlineConfig] = None) -> List[Sample]:
     """One training sample per non-empty corrected slice of ``axis`` (embeddings from the session's cache)."""
@@ -192,8 +203,12 @@ def adapt_from_corrections(session, axis: str, organ: str, base: Optional[A.Orga
                           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     adapter = A.OrganAdapter(organ, model.spec.id, model.checkpoint_sha256, settings, tensors,
                              base.localizer if base is not None else None, manifest)
-    log.info("online adaptation of %s from %d corrected slice(s) in %.1f s: train Dice %.3f -> %.3f", organ,
-             len(samples), seconds, metrics["train_dice_base"], metrics["train_dice_adapted"])
+    t1 = time.perf_counter()
+    adapter.fast_decoder(model)  # the exported decoder with these weights, built now (None on a torch model)
+    manifest["online"]["seconds"]["decoder_export"] = round(time.perf_counter() - t1, 2)
+    log.info("online adaptation of %s from %d corrected slice(s) in %.1f s (+ %.1f s decoder export): train Dice "
+             "%.3f -> %.3f", organ, len(samples), seconds, time.perf_counter() - t1, metrics["train_dice_base"],
+             metrics["train_dice_adapted"])
     if out is not None:
         adapter.path = save_adapter(adapter, out, overwrite=overwrite)
     return adapter

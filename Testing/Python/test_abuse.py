@@ -479,6 +479,8 @@ CASES: List[Case] = [
          setup=p_json(_corr(axis="coronal", propagate=True))),
     Case("corr-axis-unknown", "corrections", seg(prompts="p.json"), ["corrections.axis", "unknown axis", "axail"],
          setup=p_json(_corr(axis="axail"))),
+    Case("corr-adapt-not-boolean", "corrections", seg(prompts="p.json"),
+         ["segments[0].corrections.adapt", "expected true or false", "'yes'"], setup=p_json(_corr(adapt="yes"))),
     Case("corr-value-not-integer", "corrections", seg(prompts="p.json"), ["corrections.value", "integer", "1.5"],
          setup=p_json(_corr(value=1.5))),
     Case("corr-value-string", "corrections", seg(prompts="p.json"), ["corrections.value", "integer", "a string"],

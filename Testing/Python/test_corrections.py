@@ -140,6 +140,77 @@ def test_batch_reruns_a_case_whose_corrections_labelmap_changed(sessions, tmp_pa
     np.testing.assert_array_equal(io.read_volume(out / "c1.labels.nii.gz")[0][2], labels[2])
 
 
+@pytest.mark.parametrize("propagate", [False, pytest.param(True, marks=pytest.mark.slow)])  # slow: ~150 s, torch
+def test_online_adaptation_serves_the_corrected_segment_only(sessions, shared_data, colin27_aal, tmp_path, propagate):
+    """Colin27's Pallidum_L (AAL 75) from a box on its middle slice and two corrected slices (ground truth), beside
+    Thalamus_L (AAL 77) from a box alone, in one prompts file. By default (online adaptation) the Pallidum's adapter
+    is updated from its corrected slices first: the JSON says so and its 3D Dice is higher than with ``"adapt":
+    false``; the corrected slices are exact either way, and Thalamus_L's mask is bitwise the same in both runs.
+    Without propagation (the default suite) the Dice is the box slice's: the adapter's answer there."""
+    volume = shared_data / "colin27" / "ch2.nii.gz"
+    _, matrix = io.read_volume(volume)
+    pallidum, thalamus = (colin27_aal == 75).astype(np.uint8), (colin27_aal == 77).astype(np.uint8)
+    io.write_labelmap(tmp_path / "gt.nii.gz", {"Pallidum_L": pallidum}, matrix)
+
+    def box_prompt(mask):
+        ks = np.nonzero(mask.any(axis=(1, 2)))[0]
+        mid = int(ks[len(ks) // 2])
+        x0, y0, x1, y1 = geometry.box_from_mask(mask[mid])
+        return ks, {"corners": [[x0 - 2, y0 - 2, mid], [x1 + 2, y1 + 2, mid]], "axis": "axial"}
+    ks, pal_box = box_prompt(pallidum)
+    picked = [int(ks[len(ks) // 4]), int(ks[3 * len(ks) // 4])]
+    runs = {}
+    for adapt in (True, False):
+        corr = {"labelmap": "gt.nii.gz", "value": 1, "axis": "axial", "slices": picked, "adapt": adapt}
+        prompts = {"space": "IJK", "segments": [
+            {"name": "Pallidum_L", "boxes": [pal_box], "corrections": corr, "propagate": propagate},
+            {"name": "Thalamus_L", "boxes": [box_prompt(thalamus)[1]], "propagate": propagate}]}
+        (tmp_path / f"{adapt}.json").write_text(json.dumps(prompts))
+        code, out, err = run(["segment", volume, "--prompts", tmp_path / f"{adapt}.json", "--output",
+                              tmp_path / f"{adapt}.seg.nrrd", "-q"])
+        assert code == 0, err
+        runs[adapt] = (json.loads(out)["segments"], io.read_segmentation(tmp_path / f"{adapt}.seg.nrrd")[0])
+    (on, masks_on), (off, masks_off) = runs[True], runs[False]
+    assert on["Pallidum_L"]["adaptation"]["slices"] == 2 and "adaptation" not in off["Pallidum_L"]
+    assert "adaptation" not in on["Thalamus_L"]
+    for k in picked:
+        np.testing.assert_array_equal(masks_on["Pallidum_L"][k] > 0, pallidum[k] > 0)
+        np.testing.assert_array_equal(masks_off["Pallidum_L"][k] > 0, pallidum[k] > 0)
+    np.testing.assert_array_equal(masks_on["Thalamus_L"], masks_off["Thalamus_L"])
+    where = slice(None) if propagate else pal_box["corners"][0][2]
+    d_on, d_off = (dice(m["Pallidum_L"][where], pallidum[where]) for m in (masks_on, masks_off))
+    print(f"Pallidum_L from a box + corrected slices {picked}: Dice {d_on:.3f} adapted, {d_off:.3f} not "
+          f"({'3D' if propagate else 'box slice'}); "
+          f"adaptation {on['Pallidum_L']['adaptation']}")
+    assert d_on > d_off + 0.05, (d_on, d_off)
+
+
+def test_no_adapt_flag_skips_online_adaptation(sessions, tmp_path, monkeypatch):
+    """``--no-adapt``: the trainer's online adaptation is not even imported for a segment with corrections."""
+    import SimpleITK as sitk
+
+    array, _ = io.read_volume(SAMPLE)
+    lab = np.zeros(array.shape, np.uint8)
+    lab[PROMPT_K, 30:60, 20:50] = 1
+    img = sitk.GetImageFromArray(lab)
+    img.CopyInformation(sitk.ReadImage(str(SAMPLE)))
+    sitk.WriteImage(img, str(tmp_path / "corr.nrrd"), True)
+    raw = json.loads(SAMPLE_PROMPTS.read_text())
+    seg = dict(raw["segments"][0], propagate=False, corrections={"labelmap": "corr.nrrd", "slices": [PROMPT_K]})
+    (tmp_path / "p.json").write_text(json.dumps({"space": "RAS", "segments": [seg]}))
+
+    def refuse():
+        raise AssertionError("online adaptation was asked for despite --no-adapt")
+    monkeypatch.setattr(cli, "_online_adaptation", refuse)
+    code, out, err = run(["segment", SAMPLE, "--prompts", tmp_path / "p.json", "--output", tmp_path / "o.seg.nrrd",
+                          "--no-adapt", "-q"])
+    assert code == 0, err
+    assert "adaptation" not in json.loads(out)["segments"]["Thalamus_L"]
+    code, out, err = run(["segment", SAMPLE, "--prompts", tmp_path / "p.json", "--output", tmp_path / "o.seg.nrrd",
+                          "--overwrite", "-q"])
+    assert code != 0 and "despite --no-adapt" in err + out, "without the flag it is asked for"
+
+
 @pytest.mark.slow  # ~110 s on the shared 2-core machine (torch fp32 encoder, two full runs)
 def test_correction_loop_on_the_brain_tumour(sessions, shared_data, tmp_path):
     """A script's loop through the CLI on real data (the brain tumour, 7 axial slices of 6.5 mm): a box

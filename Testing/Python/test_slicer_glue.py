@@ -477,6 +477,7 @@ def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
     from MedFMSegmentLib import mrml
 
     volume, truth, segmentation, ijk_to_ras, shape, sid, logic, it, (xs, ys, k) = _boxed_blob(seg, scene)
+    logic.onlineAdaptation = False  # the pins alone here (a painted square would also teach the adapter squares)
 
     def segment_mask():
         return mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
@@ -502,6 +503,43 @@ def test_accepted_slices_are_corrections_taken_from_the_segment(segment_module):
     it.box((xs.min() - 2, ys.min() - 2, 2), (xs.max() + 2, ys.max() + 2, 2), "axial")
     logic.applyPrompts(volume, segmentation, sid, it)
     assert entry.accepted == set(), "a new prompt on the accepted slice replaces the correction"
+    logic.shutdown()
+
+
+def test_propagation_adapts_the_segment_from_its_accepted_slices(segment_module):
+    """Online adaptation in the Logic (on by default): with an accepted slice holding the structure, propagation
+    first updates the segment's adapter from it (the trainer's ``adapter_updater``, from the segment's own adapter,
+    here none), decodes with the result, and a second propagation with the same accepted slices trains nothing."""
+    seg, scene = segment_module
+    from MedFMSegmentLib import mrml
+
+    volume, truth, segmentation, ijk_to_ras, shape, sid, logic, it, (xs, ys, k) = _boxed_blob(seg, scene)
+    assert logic.onlineAdaptation
+    real = logic._onlineUpdater()
+    assert real is not None, "MedFMTrainLib is importable here"
+    calls = []
+
+    def update(session, axis, organ, base):
+        calls.append((axis, organ, base, [i for _, i in session.pinned_slices()]))
+        return real(session, axis, organ, base)
+    logic._online = update
+    mask = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    mask[2] = truth[2]  # the user fixes slice 2 and accepts it
+    mrml.write_mask_to_segment(segmentation, "Blob", mask, ijk_to_ras, volume)
+    logic.acceptSlice(volume, segmentation, sid, "axial", 2)
+    entry = logic._sessions[next(iter(logic._sessions))]
+    logic.propagate(volume, segmentation, "Blob", axis="axial")
+    assert calls == [("axial", "Blob", None, [2])]
+    adapter = entry.session.adapter
+    assert adapter is not None and adapter.manifest["online"]["corrected_slices"] == [2]
+    result = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
+    np.testing.assert_array_equal(result[2], truth[2])
+    assert _dice(result[k], truth[k]) > 0.8
+    logic.propagate(volume, segmentation, "Blob", axis="axial")
+    assert len(calls) == 1 and entry.session.adapter is adapter, "same accepted slices: the same adapter"
+    logic.onlineAdaptation = False
+    logic.propagate(volume, segmentation, "Blob", axis="axial")
+    assert len(calls) == 1
     logic.shutdown()
 
 

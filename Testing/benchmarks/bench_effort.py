@@ -14,8 +14,9 @@ Per structure (axial slicing), a simulated user:
 - then corrects one slice at a time (replaces it with the ground truth: ``session.set_slice_mask``) and
   the tool re-propagates (``propagate(..., previous=vol)``), up to ``--corrections`` times;
 - picks the slice two ways: ``guided`` (the first slice of ``vol.review`` not yet corrected) and
-  ``oracle`` (the slice with the most wrong voxels); ``--adapt`` adds ``guided_adapt`` (guided with
-  the online adapter, MedFMTrainLib.online, updated from the corrected slices before re-propagation);
+  ``oracle`` (the slice with the most wrong voxels); ``--adapt`` adds each mode again with online adaptation
+  (``guided_adapt``, ``oracle_adapt``: the adapter, MedFMTrainLib.online, updated from the corrected slices
+  before every re-propagation, as ``medfm segment`` does by default for a segment with corrections);
   ``--modes guided:POLICY`` adds a guided user visiting the review list in another order (``policy_order``:
   ``tau5`` / ``tau3``, ``dist``, ``ends``, ``model`` / ``gain`` with ``--review-models``, weights from ``fit_review.py``).
 
@@ -143,7 +144,7 @@ def policy_order(vol, mode, models=None):
     pixels, x N on the prompted (box) slice; "guided:model": the predicted log wrong pixels,
     log(1 + area) + models["order"] . features; "guided:gain": the predicted 3D Dice gain, models["gain"] .
     features)."""
-    if ":" not in mode:  # guided, guided_adapt
+    if ":" not in mode:  # guided, guided_adapt (the engine's review order)
         return [r["index"] for r in vol.review]
     policy = mode.split(":", 1)[1]
     feats = features_of(vol) if policy in ("model", "ends", "gain") else None
@@ -220,12 +221,12 @@ def run_user(session, gt, mode, args, adapt=None, models=None):
                 mode_used = "oracle-fallback"
             else:
                 mode_used = "review"
-        if mode == "oracle" or (mode.startswith("guided") and pick is None):
+        if mode.startswith("oracle") or (mode.startswith("guided") and pick is None):
             wrong = (vol.mask != gt).sum(axis=(1, 2)).astype(float)
             for k in corrected:
                 wrong[k] = -1
             pick = int(np.argmax(wrong))
-            mode_used = mode if mode == "oracle" else "oracle-fallback"
+            mode_used = mode if mode.startswith("oracle") else "oracle-fallback"
         corrected.add(pick)
         session.set_slice_mask(AXIS, pick, gt[pick])
         if adapt is not None:
@@ -296,6 +297,11 @@ def settings(args) -> dict:
             "adapt": bool(args.adapt), "threads": args.threads, "review_models": args.review_models}
 
 
+def all_modes(modes, adapt: bool) -> list:
+    """The modes run: ``modes``, and with ``--adapt`` each of them again with online adaptation (``MODE_adapt``)."""
+    return list(modes) + ([f"{m}_adapt" for m in modes] if adapt else [])
+
+
 def part_of(names, part):
     """``part`` "i/n": every n-th name from the i-th (1-based)."""
     if not part:
@@ -324,7 +330,7 @@ def run(args) -> dict:
             raise SystemExit(f"--resume {args.resume}: its settings {old.get('settings')} differ from {settings(args)}")
         out["structures"] = old["structures"]
         log.warning("resuming %s: %s done", args.resume, sorted(out["structures"]))
-    modes = list(args.modes) + (["guided_adapt"] if args.adapt else [])
+    modes = all_modes(args.modes, args.adapt)
     for name in part_of(args.structures, args.part):
         if name in out["structures"]:
             continue
@@ -355,7 +361,7 @@ def run(args) -> dict:
             if args.review_models:
                 table = json.loads(Path(args.review_models).read_text())
                 models = table.get(st.volume, table.get("*"))
-            row[mode] = run_user(session, gt, mode, args, adapt if mode == "guided_adapt" else None, models)
+            row[mode] = run_user(session, gt, mode, args, adapt if mode.endswith("_adapt") else None, models)
             row[mode]["seconds"] = round(time.perf_counter() - t, 1)
             row[mode]["confidence_spearman"] = confidence_study([row[mode]], PropagationConfig())
             log.warning("%s %s: Dice %s", name, mode, row[mode]["dice"])
@@ -393,7 +399,7 @@ def merge(paths) -> dict:
         for name, row in part["structures"].items():
             out["structures"].setdefault(name, row)
     st = base.get("settings", {})
-    modes = list(st.get("modes", ["guided", "oracle"])) + (["guided_adapt"] if st.get("adapt") else [])
+    modes = all_modes(st.get("modes", ["guided", "oracle"]), st.get("adapt"))
     out["summary"] = summarize(out, modes)
     return out
 
@@ -452,8 +458,9 @@ def summarize(out, modes) -> dict:
             cpu = [v for rec in recs for v in rec.get("adapt_cpu_seconds", [])]
             summ[mode]["adapt_cpu_seconds"] = {"median": round(float(np.median(cpu)), 2), "max": max(cpu)} if cpu else None
     for g in [m for m in modes if m.startswith("guided")] if "oracle" in modes else []:
-        pairs = [(r[g]["slices_to_0.90"], r["oracle"]["slices_to_0.90"]) for r in rows.values()
-                 if g in r and r[g]["slices_to_0.90"] and r["oracle"]["slices_to_0.90"]]
+        o = "oracle_adapt" if g.endswith("_adapt") and "oracle_adapt" in modes else "oracle"
+        pairs = [(r[g]["slices_to_0.90"], r[o]["slices_to_0.90"]) for r in rows.values()
+                 if g in r and o in r and r[g]["slices_to_0.90"] and r[o]["slices_to_0.90"]]
         key = "guided_minus_oracle_slices_to_0.90" + ("" if g == "guided" else f"[{g}]")
         summ[key] = round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
     summ["visited_vs_extent"] = {n: {"extent": r["extent"], "visited": r[modes[0]]["first_propagation"]["visited"],
