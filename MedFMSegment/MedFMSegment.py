@@ -41,8 +41,7 @@ from MedFMSegmentLib.worker import Worker  # noqa: E402
 
 log = logging.getLogger("MedFMSegment")
 
-# Fixed lists for the parameter node (the engine registry imports torch); Testing/Python/test_slicer_glue.py
-# checks that they match models.REGISTRY and preprocess.PRESETS.
+# Fixed lists for the parameter node (the engine registry imports torch); test_slicer_glue.py checks them
 MODEL_CHOICES = ["litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
 PRESET_CHOICES = ["auto", "ct-soft-tissue", "ct-bone", "ct-lung", "ct-brain", "ct-full", "mr"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
@@ -435,7 +434,8 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             from MedFMSegmentLib import api
             return api.segment(array_kji, ijk_to_ras, prompts, session=self._newSession(), preset=self.preset,
                                adapter=adapterDir, adapter_loader=self._trainer("store", "load_adapter"),
-                               progress=job.progress, should_stop=job.shouldStop)
+                               progress=job.progress, should_stop=job.shouldStop,
+                               adapt=self._onlineUpdater() if self.onlineAdaptation else None)
 
         def apply(masks):
             if segmentName:

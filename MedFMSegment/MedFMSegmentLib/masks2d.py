@@ -114,3 +114,16 @@ def remove_pixel(mask: np.ndarray, x: float, y: float) -> np.ndarray:
         mask = mask.copy()
         mask[yi, xi] = 0
     return mask
+
+
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` grown by ``r`` pixels (4-neighbour steps)."""
+    out = mask.copy()
+    for _ in range(r):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out

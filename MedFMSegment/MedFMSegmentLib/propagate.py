@@ -27,11 +27,13 @@ import numpy as np
 
 from . import geometry, review as review_features
 from .errors import Cancelled, InputError
+from .masks2d import dilate
 from .session import keep_components_touching
 
 log = logging.getLogger(__name__)
 
 from .results import Progress, ShouldStop, VolumeResult  # noqa: E402,F401  (public here)
+from .shape_interp import interpolate_shape  # noqa: E402  (public here)
 
 
 @dataclass
@@ -176,7 +178,8 @@ class _Runner:
         before = s.cache.misses
         logits, score, mask = self.decode(index, box, crop)
         self.result.encoded += s.cache.misses - before
-        self.crops.update({index: crop} if remember else {})
+        if remember:  # the window the slice was decoded in (online adaptation reads its embedding there)
+            self.crops[index] = crop
         j = self.cfg.jitter_px
         jbox = _grow_box(box, self.shape_yx, j, j)
         jitter = 1.0
@@ -241,7 +244,7 @@ def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest
         if box is None:
             return None
         _, score, mask, jitter = run.predict(index, box, remember)  # keep what continues the previous slice
-        return score, keep_components_touching(mask, _dilate(prev > 0, 2)) if mask.any() else mask, jitter
+        return score, keep_components_touching(mask, dilate(prev > 0, 2)) if mask.any() else mask, jitter
 
     def check(index, score, mask, jitter, prev, largest):
         """Why slice ``index`` ends the object (None: it continues it) and whether that is the intensity rule."""
@@ -299,45 +302,6 @@ def _walk(run: _Runner, start_mask, start, stop, step, fixed, clamp_box, largest
     return "reached the end of the range"
 
 
-def _sdf(mask: np.ndarray) -> np.ndarray:
-    """Signed distance to the mask's border in pixels, positive inside (a huge negative if empty).
-
-    The border lies half a pixel outside the mask's outermost pixels: ITK's map is 0 on those pixels
-    (distance to the nearest contour pixel), so it is shifted by +0.5 and ``> 0`` is the mask itself again
-    (without the shift an interpolated shape lost its outer ring of pixels: a mask interpolated with
-    itself came back eroded by one pixel, 18 % of the chest CT aorta's area)."""
-    import SimpleITK as sitk
-
-    if not mask.any():
-        return np.full(mask.shape, -1e6, np.float32)
-    d = sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray((mask > 0).astype(np.uint8)), insideIsPositive=True,
-                                     squaredDistance=False, useImageSpacing=False)
-    return sitk.GetArrayFromImage(d).astype(np.float32) + np.float32(0.5)
-
-
-def _shift(a: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
-    out = np.full_like(a, fill)
-    h, w = a.shape
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[yd, xd] = a[ys, xs]
-    return out
-
-
-def interpolate_shape(mask_a: np.ndarray, mask_b: np.ndarray, t: float) -> np.ndarray:
-    """The signed distance of the shape a fraction ``t`` of the way from ``mask_a`` to ``mask_b``.
-
-    Both shapes are moved to the interpolated centroid first (a tube that drifts sideways stays a
-    tube), then their signed distances are blended linearly; ``> 0`` is the interpolated mask.
-    """
-    ca, cb = np.argwhere(mask_a > 0).mean(axis=0), np.argwhere(mask_b > 0).mean(axis=0)
-    move = cb - ca
-    da, db = np.round(t * move).astype(int), np.round(-(1 - t) * move).astype(int)
-    sa, sb = _sdf(mask_a), _sdf(mask_b)
-    fill = float(min(sa.min(), sb.min()))
-    return (1 - t) * _shift(sa, da[0], da[1], fill) + t * _shift(sb, db[0], db[1], fill)
-
-
 def _fill(run: _Runner, a, b, mask_a, mask_b) -> str:
     """Slices strictly between fixed slices ``a`` < ``b`` (both non-empty): interpolation + model, fused."""
     cfg = run.cfg
@@ -363,18 +327,6 @@ def _fill(run: _Runner, a, b, mask_a, mask_b) -> str:
         run.accept(index, mask, {"iou": score, "jitter": jitter, "agree": _dice2(model_mask, prior),
                                  "distance": distance, "area": float(max(mask.sum(), prior.sum()))})
     return "filled between the fixed slices"
-
-
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(r):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
 
 
 def confidence_of(signals: Dict[str, float], cfg: PropagationConfig) -> float:
