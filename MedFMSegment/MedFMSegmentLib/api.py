@@ -84,7 +84,7 @@ def _adapt(session: PromptSession, seg: prompts_mod.SegmentPrompts, adapt: Adapt
     t0 = time.perf_counter()
     new = adapt(session, corr.axis, seg.name, session.adapter)
     if new is None or new is session.adapter:
-        info["adaptation"] = {"skipped": "no corrected slice gave a training sample"}
+        info["adaptation"] = {"skipped": getattr(adapt, "reason", None) or "no corrected slice gave a training sample"}
         return
     session.adapter = new
     online = getattr(new, "manifest", {}).get("online", {})

@@ -70,12 +70,17 @@ class OnlineConfig:
     method: str = "head"
     jittered_boxes: int = 4  # "head": jittered boxes per corrected slice (plus its plain box) in the frozen pool
     max_pool: int = 32  # "head": at most this many (slice, box) rows (8 MB each): fewer jittered boxes per slice
+    min_slices: int = 1  # fewer non-empty corrected slices than this: no adaptation (the adapter stays as it is)
+    # the kinds of image adapted ("mr", "ct": the session's intensity preset); another kind keeps its adapter
+    modalities: tuple = ("mr", "ct")
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "max_slices", "max_pool"):
+        for name in ("steps", "batch_size", "max_slices", "max_pool", "min_slices"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"online adaptation: {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.modalities, (tuple, list)) or not set(self.modalities) <= {"mr", "ct"}:
+            raise InputError(f"online adaptation: modalities must list 'mr' and/or 'ct', got {self.modalities!r}")
         if self.method not in ("head", "decoder"):
             raise InputError(f"online adaptation: method must be 'head' or 'decoder', got {self.method!r}")
         j = self.jittered_boxes
@@ -89,14 +94,37 @@ class OnlineConfig:
                           pool=PoolConfig(box_margin_px=tuple(self.box_margin_px)), localizer=False)
 
 
+def modality(session) -> str:
+    """"ct" or "mr": the kind of image by the session's intensity preset (CT presets are ``ct-*``)."""
+    return "ct" if str(session.preset).startswith("ct") else "mr"
+
+
+def skip_reason(session, axis: str, config: Optional[OnlineConfig] = None) -> Optional[str]:
+    """Why the default rule does not adapt here (None: it adapts): the kind of image, too few corrected slices."""
+    config = config or OnlineConfig()
+    kind = modality(session)
+    if kind not in config.modalities:
+        return f"online adaptation is off on {kind.upper()} (OnlineConfig.modalities, README 'online adaptation')"
+    n = sum(1 for a, i in session.pinned_slices(axis) if session.slice_state(a, i).mask.any())
+    if n < max(config.min_slices, 1):
+        return f"{n} corrected slice(s) hold the structure; online adaptation starts at {config.min_slices}"
+    return None
+
+
 def adapter_updater(config: Optional[OnlineConfig] = None):
     """The online adaptation ``api.segment(adapt=...)`` runs for a segment with corrected slices:
-    ``update(session, axis, organ, base) -> adapter`` (:func:`adapt_from_corrections`, in memory)."""
+    ``update(session, axis, organ, base) -> adapter`` (:func:`adapt_from_corrections`, in memory), or ``base``
+    unchanged where the rule (:func:`skip_reason`) says no; ``update.reason`` is then why."""
     config = config or OnlineConfig()
     config.check()
 
     def update(session, axis: str, organ: str, base=None):
+        update.reason = skip_reason(session, axis, config)
+        if update.reason is not None:
+            log.info("%s: %s", organ, update.reason)
+            return base
         return adapt_from_corrections(session, axis, organ, base=base, config=config)
+    update.reason = None
     return update
 
 
@@ -161,8 +189,9 @@ def adapt_from_corrections(session, axis: str, organ: str, base: Optional[A.Orga
         base.check_model(model)
     t0, c0 = time.perf_counter(), time.process_time()
     samples = corrected_samples(session, axis, crops, config)
-    if not samples:
-        log.info("online adaptation of %s: no corrected slice with the structure; adapter unchanged", organ)
+    if len(samples) < max(config.min_slices, 1):
+        log.info("online adaptation of %s: %d corrected slice(s) with the structure (at least %d needed); adapter "
+                 "unchanged", organ, len(samples), config.min_slices)
         return base
     t_emb = time.perf_counter() - t0
     tc = config.tune_config()

@@ -119,3 +119,29 @@ def test_head_adaptation_trains_only_the_head_and_fits_the_corrections(colin27_s
         assert trained and all(re.fullmatch(head_train.HEAD_MODULES, n.rsplit(".lora_B", 1)[0]) for n in trained)
     finally:
         s.reset()
+
+
+def test_the_default_rule_names_why_it_does_not_adapt(litemedsam, colin27, colin27_aal, cranium_ct):
+    """``adapter_updater``'s rule, before any training: the kind of image (by the intensity preset: the head CT
+    is CT, Colin27 MR), and how many corrected slices hold the structure (an empty correction does not count)."""
+    from MedFMTrainLib import online
+    from MedFMSegmentLib.session import PromptSession
+
+    mr, ct = PromptSession(litemedsam), PromptSession(litemedsam)
+    mr.set_volume(*colin27)
+    ct.set_volume(*cranium_ct)
+    assert online.modality(mr) == "mr" and online.modality(ct) == "ct"
+    thal = (colin27_aal == THALAMUS_L).astype(np.uint8)
+    mr.set_slice_mask("axial", 80, thal[80])
+    mr.set_slice_mask("axial", 95, np.zeros_like(thal[95]))
+    assert online.skip_reason(mr, "axial") is None
+    two = online.OnlineConfig(min_slices=2)
+    assert "1 corrected slice(s)" in online.skip_reason(mr, "axial", two)
+    ct_off = online.OnlineConfig(modalities=("mr",))
+    ct.set_slice_mask("axial", 54, np.ones((256, 256), np.uint8))
+    assert "off on CT" in online.skip_reason(ct, "axial", ct_off) and online.skip_reason(mr, "axial", ct_off) is None
+    update = online.adapter_updater(two)
+    base = object()
+    assert update(mr, "axial", "Thalamus_L", base) is base and "starts at 2" in update.reason
+    with pytest.raises(InputError, match="modalities"):
+        online.OnlineConfig(modalities=("pet",)).check()

@@ -294,7 +294,8 @@ def confidence_study(records, cfg):
 def settings(args) -> dict:
     """What must agree between parts / a resumed file."""
     return {"precision": args.precision, "corrections": args.corrections, "modes": list(args.modes),
-            "adapt": bool(args.adapt), "threads": args.threads, "review_models": args.review_models}
+            "adapt": bool(args.adapt), "adapt_min": args.adapt_min, "threads": args.threads,
+            "review_models": args.review_models}
 
 
 def all_modes(modes, adapt: bool) -> list:
@@ -320,8 +321,10 @@ def run(args) -> dict:
     if args.adapt:
         from MedFMTrainLib import online
 
+        config = online.OnlineConfig(min_slices=args.adapt_min)
+
         def adapt(session, vol):
-            return online.adapt_from_corrections(session, AXIS, organ="bench", crops=vol.crops)
+            return online.adapt_from_corrections(session, AXIS, organ="bench", crops=vol.crops, config=config)
     out = {"cpu": cpu_info(), "load_average": list(os.getloadavg()), "precision": args.precision,
            "corrections": args.corrections, "settings": settings(args), "structures": {}}
     if args.resume and Path(args.resume).is_file():
@@ -477,7 +480,9 @@ def main(argv=None) -> int:
     p.add_argument("--review-models", help='JSON {volume or "*": {"order": [[feature, weight], ...], '
                    '"confidence": [...]}} for guided:model (per volume: weights fitted without its dataset)')
     p.add_argument("--corrections", type=int, default=10)
-    p.add_argument("--adapt", action="store_true", help="also run guided with online adaptation")
+    p.add_argument("--adapt", action="store_true", help="also run every mode with online adaptation (MODE_adapt)")
+    p.add_argument("--adapt-min", type=int, default=1, metavar="N",
+                   help="--adapt: adapt only from N or more corrected slices holding the structure (default 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--tmp", default="/tmp/bench_i10")
