@@ -527,7 +527,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             from MedFMSegmentLib.propagate import propagate
             entry.repin(accepted)  # the accepted slices as the segment holds them now
             if self.onlineAdaptation:  # the segment's adapter updated from its accepted slices first
-                entry.adapt_online(self._onlineUpdater(), axis, segmentName.strip())
+                entry.adapt_online(self._onlineUpdater(), axis, segmentName.strip(), job.shouldStop)
             return propagate(entry.session, axis=axis, previous=previous, from_index=fromIndex,
                              progress=job.progress, should_stop=job.shouldStop)
 

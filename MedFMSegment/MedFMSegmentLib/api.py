@@ -22,14 +22,14 @@ import numpy as np
 
 from . import geometry
 from . import prompts as prompts_mod
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .propagate import Progress, ShouldStop, propagate, segment_roi
 from .session import PromptSession
 
 log = logging.getLogger(__name__)
 
 AdapterLoader = Callable[[str, object], object]  # (adapter path, model) -> adapter object
-# (session, axis, organ, current adapter or None) -> the adapter updated from the session's corrected slices of axis
+# (session, axis, organ, current adapter or None, should_stop=) -> the adapter updated from the corrected slices
 Adapt = Callable[[PromptSession, str, str, Optional[object]], Optional[object]]
 
 
@@ -75,14 +75,24 @@ def _add_prompts(session: PromptSession, seg: prompts_mod.SegmentPrompts, info: 
             info["warnings"] = warnings
 
 
-def _adapt(session: PromptSession, seg: prompts_mod.SegmentPrompts, adapt: Adapt, info: dict) -> None:
+def _adapt(session: PromptSession, seg: prompts_mod.SegmentPrompts, adapt: Adapt, info: dict,
+           should_stop: ShouldStop = None) -> None:
     """Online adaptation from the segment's corrected slices (see :func:`segment_one`); sets ``session.adapter``."""
     corr = seg.corrections
     if not any(c.mask.any() for c in corr.slices):
         info["adaptation"] = {"skipped": "no corrected slice holds the structure"}
         return
     t0 = time.perf_counter()
-    new = adapt(session, corr.axis, seg.name, session.adapter)
+    try:
+        new = adapt(session, corr.axis, seg.name, session.adapter, should_stop=should_stop)
+    except Cancelled:
+        raise
+    except Exception as exc:  # costs the adaptation, never the segmentation: it runs with the adapter it had
+        text = f"segment {seg.name!r}: online adaptation failed ({type(exc).__name__}: {exc}); segmented without it"
+        log.warning(text)
+        info["adaptation"] = {"failed": f"{type(exc).__name__}: {exc}"}
+        info.setdefault("warnings", []).append(text)
+        return
     if new is None or new is session.adapter:
         info["adaptation"] = {"skipped": getattr(adapt, "reason", None) or "no corrected slice gave a training sample"}
         return
@@ -126,7 +136,7 @@ def segment_one(session: PromptSession, seg: prompts_mod.SegmentPrompts, progres
     _add_prompts(session, seg, info)
     if adapt is not None and corr is not None and corr.adapt:
         before = session.adapter
-        _adapt(session, seg, adapt, info)
+        _adapt(session, seg, adapt, info, should_stop)
         if session.adapter is not before:  # the boxes' and points' slices decoded again, with the new adapter
             session.reset()
             _add_prompts(session, seg, {})

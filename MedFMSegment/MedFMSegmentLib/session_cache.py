@@ -52,7 +52,8 @@ class SessionEntry:
                 done.append((axis, index))
         return done
 
-    def adapt_online(self, update: Optional[Callable], axis: Optional[str], organ: str) -> Optional[object]:
+    def adapt_online(self, update: Optional[Callable], axis: Optional[str], organ: str,
+                     should_stop: Optional[Callable] = None) -> Optional[object]:
         """Before a propagation: the session's adapter updated from its corrected slices of ``axis``
         (``update(session, axis, organ, base)``, e.g. ``MedFMTrainLib.online.adapter_updater()``), set as
         ``session.adapter``; returns it (None: nothing done, the adapter stays the segment's own).
@@ -80,7 +81,7 @@ class SessionEntry:
         if self.online is not None and self.online[0] == key and self.online[1] is base:
             adapter = self.online[2]
         else:
-            adapter = update(self.session, axis, organ, base)
+            adapter = update(self.session, axis, organ, base, should_stop=should_stop)
             if adapter is None:
                 return None
             previous = self.online[2] if self.online is not None else None

@@ -123,12 +123,12 @@ def adapter_updater(config: Optional[OnlineConfig] = None):
     config = config or OnlineConfig()
     config.check()
 
-    def update(session, axis: str, organ: str, base=None):
+    def update(session, axis: str, organ: str, base=None, should_stop=None):
         update.reason = skip_reason(session, axis, config)
         if update.reason is not None:
             log.info("%s: %s", organ, update.reason)
             return base
-        return adapt_from_corrections(session, axis, organ, base=base, config=config)
+        return adapt_from_corrections(session, axis, organ, base=base, config=config, should_stop=should_stop)
     update.reason = None
     return update
 

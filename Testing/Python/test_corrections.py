@@ -269,3 +269,36 @@ def test_correction_loop_on_the_brain_tumour(sessions, shared_data, tmp_path):
     print(f"tumour: 3D Dice {d1:.3f} from the box, {d2:.3f} after correcting slices {picked} "
           f"(review confidences {[r['confidence'] for r in review[:3]]})")
     assert d2 >= d1 - 1e-6, (d1, d2)
+
+
+def test_a_failed_online_adaptation_costs_the_adaptation_not_the_result(sessions, tmp_path, monkeypatch):
+    """An error inside the online adaptation (here a broken updater): the segment is segmented without it, the
+    JSON says so in ``adaptation`` and ``warnings``, the outputs are written; a cancel is not swallowed."""
+    import SimpleITK as sitk
+
+    from MedFMSegmentLib.errors import Cancelled
+
+    array, _ = io.read_volume(SAMPLE)
+    lab = np.zeros(array.shape, np.uint8)
+    lab[PROMPT_K - 2, 30:60, 20:50] = 1
+    img = sitk.GetImageFromArray(lab)
+    img.CopyInformation(sitk.ReadImage(str(SAMPLE)))
+    sitk.WriteImage(img, str(tmp_path / "corr.nrrd"), True)
+    raw = json.loads(SAMPLE_PROMPTS.read_text())
+    seg = dict(raw["segments"][0], propagate=False, corrections={"labelmap": "corr.nrrd", "slices": [PROMPT_K - 2]})
+    (tmp_path / "p.json").write_text(json.dumps({"space": "RAS", "segments": [seg]}))
+    errors = [RuntimeError("out of memory"), Cancelled("stopped by the user")]
+
+    def broken(session, axis, organ, base, should_stop=None):
+        raise errors[0]
+    monkeypatch.setattr(cli, "_online_adaptation", lambda: broken)
+    code, out, err = run(["segment", SAMPLE, "--prompts", tmp_path / "p.json", "--output", tmp_path / "o.seg.nrrd", "-q"])
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["segments"]["Thalamus_L"]["adaptation"] == {"failed": "RuntimeError: out of memory"}
+    assert any("online adaptation failed" in w for w in rep["warnings"])
+    masks = io.read_segmentation(tmp_path / "o.seg.nrrd")[0]
+    assert masks["Thalamus_L"][PROMPT_K].any() and (masks["Thalamus_L"][PROMPT_K - 2] > 0).sum() == 900
+    errors.pop(0)
+    code, out, err = run(["segment", SAMPLE, "--prompts", tmp_path / "p.json", "--output", tmp_path / "c.seg.nrrd", "-q"])
+    assert code != 0 and not (tmp_path / "c.seg.nrrd").exists()

@@ -519,9 +519,9 @@ def test_propagation_adapts_the_segment_from_its_accepted_slices(segment_module)
     assert real is not None, "MedFMTrainLib is importable here"
     calls = []
 
-    def update(session, axis, organ, base):
+    def update(session, axis, organ, base, should_stop=None):
         calls.append((axis, organ, base, [i for _, i in session.pinned_slices()]))
-        return real(session, axis, organ, base)
+        return real(session, axis, organ, base, should_stop=should_stop)
     logic._online = update
     mask = mrml.segment_to_mask(segmentation, "Blob", ijk_to_ras, shape)
     mask[2] = truth[2]  # the user fixes slice 2 and accepts it
