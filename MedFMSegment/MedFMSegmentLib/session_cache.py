@@ -84,7 +84,7 @@ class SessionEntry:
             adapter = update(self.session, axis, organ, base, should_stop=should_stop)
             if adapter is None:
                 return None
-            previous = self.online[2] if self.online is not None else None
+            previous = self.online[2] if self.online is not None and self.online[2] is not self.online[1] else None
             if previous is not None and previous is not adapter and hasattr(previous, "detach"):
                 previous.detach(self.session.model)  # its layers would stay in the shared decoder
             self.online = (key, base, adapter)
