@@ -248,23 +248,33 @@ def compile_decoder_like(model, mask_decoder: "nn.Module"):
 
     import torch
 
-    from .decoder_export import FoldedDecoder
-
     base = model._fast_decoder
     if base is None or model._prompt_encoder is None:
         return None
     grid = embedding_grid(model.input_size)
-    emb_shape = [1, EMBED_DIM, grid, grid]
+    with tempfile.TemporaryDirectory(prefix="medfm-decoder-") as folder:
+        xml = _export_folded(model, mask_decoder, torch.zeros(1, EMBED_DIM, grid, grid), Path(folder))
+        ov_model = runtimes.OpenVINOModel(xml, "fp32", getattr(base, "threads", 1))
+    return _decoder_callable(ov_model, grid)
+
+
+def _export_folded(model, mask_decoder: "nn.Module", example_embedding, folder: Path) -> Path:
+    """``mask_decoder`` as the folded graph (``decoder_export.FoldedDecoder``: the same function, fewer operations,
+    masks in blocked order) with the model's prompt-independent terms built in, exported to OpenVINO IR."""
+    import torch
+
+    from .decoder_export import FoldedDecoder
+
     pe = model.net.prompt_encoder
+    emb_shape = [int(n) for n in example_embedding.shape]
     with torch.inference_mode():
         dense_pe = pe.get_dense_pe()
         sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
+    if [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])] != emb_shape:
+        raise RuntimeError(f"{model.spec.id}: embedding {tuple(dense_pe.shape)}, expected {emb_shape}")
     folded = FoldedDecoder(mask_decoder, dense_pe, dense, blocked=True).eval()
-    with tempfile.TemporaryDirectory(prefix="medfm-decoder-") as folder:
-        xml = runtimes.export_openvino(folded, (torch.zeros(emb_shape), sparse), Path(folder),
-                                       input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
-        ov_model = runtimes.OpenVINOModel(xml, "fp32", getattr(base, "threads", 1))
-    return _decoder_callable(ov_model, grid)
+    return runtimes.export_openvino(folded, (example_embedding, sparse), folder,
+                                    input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
 
 
 def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info) -> None:
@@ -283,21 +293,11 @@ def _attach_openvino_decoder(model, threads, root, identity, probe: _Probe, info
         return run
 
     def export(folder: Path) -> dict:
-        import torch
-
-        from .decoder_export import FoldedDecoder
-
-        pe, md = model.net.prompt_encoder, model.net.mask_decoder
-        with torch.inference_mode():
-            dense_pe = pe.get_dense_pe()
-            sparse, dense = pe(points=None, boxes=torch.tensor([runtimes.probe_boxes(model.input_size)[0]]), masks=None)
-        if [1, int(dense_pe.shape[1]), *map(int, dense_pe.shape[-2:])] != emb_shape:
-            raise RuntimeError(f"{model.spec.id}: embedding {tuple(dense_pe.shape)}, expected {emb_shape}")
+        pe = model.net.prompt_encoder
         reference, ref_masks = probe.reference, probe.logits
-        # the same function, fewer operations, masks in blocked order (decoder_export)
-        folded = FoldedDecoder(md, dense_pe, dense, blocked=True).eval()
-        xml = runtimes.export_openvino(folded, (reference, sparse), folder,
-                                       input_shapes=[emb_shape, [1, -1, sparse.shape[-1]]])
+        if [int(n) for n in reference.shape] != emb_shape:
+            raise RuntimeError(f"{model.spec.id}: embedding {tuple(reference.shape)}, expected {emb_shape}")
+        xml = _export_folded(model, model.net.mask_decoder, reference, folder)
         ov_model = runtimes.OpenVINOModel(xml, "fp32", threads)
         decoder = _decoder_callable(ov_model, grid)
         masks = _probe_masks(model, reference, as_decode(decoder, pe))

@@ -66,9 +66,13 @@ def model_lock(model) -> threading.RLock:
 
 
 def _lora_layers(model) -> Dict[str, torch.nn.Module]:
+    return _lora_layers_of(_decoder(model))
+
+
+def _lora_layers_of(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in _decoder(model).named_modules() if isinstance(m, LoraLayer)}
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
 def _set_enabled(model, name: Optional[str]) -> None:
@@ -344,12 +348,6 @@ def merged_decoder(model, adapter: "OrganAdapter") -> torch.nn.Module:
             weight = copy_md.get_submodule(module).weight
             weight += (scale * b.to(torch.float32) @ a.to(torch.float32)).to(weight.dtype)
     return copy_md.eval()
-
-
-def _lora_layers_of(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
 def _checked_fast_decoder(model, adapter: "OrganAdapter"):
